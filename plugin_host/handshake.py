@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -12,6 +11,7 @@ from plugin_host.errors import (
     MalformedHandshake,
     UnsupportedProtocol,
 )
+from plugin_host.platform import go_arch, go_os
 
 MAGIC_COOKIE_KEY = "grafana_plugin_type"
 MAGIC_COOKIE_VALUE = "datasource"
@@ -65,24 +65,6 @@ class GrafanaIdentity:
     @property
     def user_agent(self) -> str:
         return f"Grafana/{self.version} ({go_os()}; {go_arch()})"
-
-
-def go_os() -> str:
-    return platform.system().lower()
-
-
-def go_arch() -> str:
-    machine = platform.machine().lower()
-    return {
-        "x86_64": "amd64",
-        "amd64": "amd64",
-        "aarch64": "arm64",
-        "arm64": "arm64",
-        "armv7l": "arm",
-        "armv6l": "arm",
-        "i386": "386",
-        "i686": "386",
-    }.get(machine, machine)
 
 
 def build_environment(

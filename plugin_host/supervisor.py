@@ -230,7 +230,6 @@ class PluginSupervisor:
                 except PluginLaunchError as exc:
                     reason = exc.message
                     self._set(last_exit_code=getattr(exc, "exit_code", None))
-                    log.error("%s", exc)
                 finally:
                     await self._release()
                 if self._stopping.is_set():
@@ -244,6 +243,7 @@ class PluginSupervisor:
         if self.target.attach_address is not None:
             return await self._attach(self.target.attach_address)
         assert self.target.executable is not None
+        deadline = time.monotonic() + self.options.start_timeout
         workdir = self._socket_root / f"{_slug(self.plugin_id)}-{self._generation}"
         process = await PluginProcess.start(
             plugin_id=self.plugin_id,
@@ -261,7 +261,7 @@ class PluginSupervisor:
             unavailable=self._unavailable_error,
         )
         self._client = client
-        await self._first_ping(client)
+        await self._first_ping(client, deadline=deadline)
         services = await self._services(client)
         self._set(services=services)
         self._become_running()
@@ -277,17 +277,12 @@ class PluginSupervisor:
                 task.cancel()
             await asyncio.gather(*monitors, return_exceptions=True)
         self._set(last_exit_code=code)
-        reason = self._kill_reason or _describe_exit(code)
-        self._kill_reason = None
-        if not self._stopping.is_set():
-            tail = process.stderr_tail
-            log.error(
-                "plugin %s %s%s",
-                self.plugin_id,
-                reason,
-                f"; last output on stderr:\n{tail}" if tail else "",
-            )
-        return reason
+        killed_because, self._kill_reason = self._kill_reason, None
+        if killed_because is not None:
+            return killed_because
+        tail = process.stderr_tail
+        reason = _describe_exit(code)
+        return f"{reason}; last output on stderr:\n{tail}" if tail else reason
 
     async def _attach(self, address: str) -> str:
         """Standalone mode: talk to a plugin someone else runs, and watch that it answers."""
@@ -309,11 +304,11 @@ class PluginSupervisor:
         self._become_running()
         return await self._watch_health(client)
 
-    async def _first_ping(self, client: BackendClient) -> None:
+    async def _first_ping(self, client: BackendClient, *, deadline: float) -> None:
+        """The handshake and the first answered health check share the start timeout."""
+        timeout = max(0.5, deadline - time.monotonic())
         try:
-            ok = await client.ping(
-                timeout=min(self.options.health_timeout, self.options.start_timeout)
-            )
+            ok = await client.ping(timeout=timeout)
         except PluginError as exc:
             raise PluginLaunchError(
                 self.plugin_id, f"plugin completed the handshake but does not answer: {exc.message}"
@@ -359,7 +354,7 @@ class PluginSupervisor:
             next_start_at=time.time() + delay,
         )
         self._settled.set()
-        log.warning(
+        log.error(
             "plugin %s: %s; restarting in %.1fs (failure %d in a row%s)",
             self.plugin_id,
             reason,

@@ -1,0 +1,227 @@
+"""The bridge's configuration: one typed object from a YAML file plus environment overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from plugin_host.handshake import GrafanaIdentity
+from plugin_host.host import HostConfig
+from plugin_host.supervisor import RestartPolicy, SupervisorOptions
+
+ENV_PREFIX = "BRIDGE_"
+ENV_NESTING = "__"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and what is wrong."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    listen: str = "127.0.0.1:3100"
+    shutdown_grace: float = Field(default=10.0, ge=0)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        _, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError("expected host:port, e.g. 127.0.0.1:3100 or :3100")
+        return value
+
+    @property
+    def host(self) -> str:
+        host = self.listen.rpartition(":")[0].strip("[]")
+        return host or "0.0.0.0"  # noqa: S104 - ":port" means all interfaces, as in Grafana
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class RestartSettings(_Section):
+    initial_backoff: float = Field(default=1.0, gt=0)
+    max_backoff: float = Field(default=300.0, gt=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    jitter: float = Field(default=0.2, ge=0, lt=1)
+    crash_loop_threshold: int = Field(default=5, ge=1)
+    stable_after: float = Field(default=30.0, ge=0)
+
+
+class PluginsSettings(_Section):
+    directories: tuple[Path, ...] = (Path("data/plugins"),)
+    allow_unsigned: frozenset[str] = frozenset()
+    dev_mode: bool = False
+    public_keys: tuple[Path, ...] = ()
+    start_timeout: float = Field(default=60.0, gt=0)
+    stop_grace: float = Field(default=2.0, ge=0)
+    call_timeout: float = Field(default=30.0, gt=0)
+    health_interval: float = Field(default=10.0, gt=0)
+    health_timeout: float = Field(default=5.0, gt=0)
+    health_failures: int = Field(default=3, ge=1)
+    stats_interval: float = Field(default=5.0, gt=0)
+    memory_limit_mb: int | None = Field(default=None, gt=0)
+    restart: RestartSettings = RestartSettings()
+    forward_host_env: bool = True
+    disabled: frozenset[str] = frozenset()
+    settings: dict[str, dict[str, str]] = Field(default_factory=dict)
+    env: dict[str, dict[str, str]] = Field(default_factory=dict)
+    attach: dict[str, str] = Field(default_factory=dict)
+
+
+class GrafanaSettings(_Section):
+    version: str = "11.3.0"
+    root_url: str = ""
+    feature_toggles: tuple[str, ...] = ()
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class BridgeConfig(_Section):
+    """The whole configuration. Every key is documented in docs/configuration.md."""
+
+    server: ServerSettings = ServerSettings()
+    plugins: PluginsSettings = PluginsSettings()
+    grafana: GrafanaSettings = GrafanaSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    def host_config(self) -> HostConfig:
+        p = self.plugins
+        return HostConfig(
+            plugin_dirs=p.directories,
+            allow_unsigned=p.allow_unsigned,
+            dev_mode=p.dev_mode,
+            public_key_files=p.public_keys,
+            grafana_root_url=self.grafana.root_url or None,
+            grafana=GrafanaIdentity(
+                version=self.grafana.version,
+                app_url=self.grafana.root_url,
+                feature_toggles=self.grafana.feature_toggles,
+            ),
+            supervisor=SupervisorOptions(
+                start_timeout=p.start_timeout,
+                stop_grace=p.stop_grace,
+                call_timeout=p.call_timeout,
+                health_interval=p.health_interval,
+                health_timeout=p.health_timeout,
+                health_failures=p.health_failures,
+                stats_interval=p.stats_interval,
+                memory_limit_bytes=p.memory_limit_mb * 2**20 if p.memory_limit_mb else None,
+                restart=RestartPolicy(**p.restart.model_dump()),
+            ),
+            plugin_settings=p.settings,
+            plugin_env=p.env,
+            attach=p.attach,
+            forward_host_env=p.forward_host_env,
+            disabled=p.disabled,
+        )
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> BridgeConfig:
+    """Read the YAML file (if any), apply ``BRIDGE_*`` variables, then ``overrides``.
+
+    Relative paths in the file are taken relative to the file's directory.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(path)
+        _resolve_paths(data, path.parent)
+    env = os.environ if environ is None else environ
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
+            _set_path(data, _env_path(name), _env_value(value), source=name)
+    for dotted, value in (overrides or {}).items():
+        _set_path(data, dotted.split("."), value, source=f"--{dotted}")
+    try:
+        return BridgeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return loaded
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    plugins = data.get("plugins")
+    if not isinstance(plugins, dict):
+        return
+    for key in ("directories", "public_keys"):
+        value = plugins.get(key)
+        if isinstance(value, list):
+            plugins[key] = [str(base / v) if isinstance(v, str) else v for v in value]
+    server = data.get("server")
+    if isinstance(server, dict):
+        for key in ("tls_cert", "tls_key"):
+            if isinstance(server.get(key), str):
+                server[key] = str(base / server[key])
+
+
+def _env_path(name: str) -> list[str]:
+    """``BRIDGE_PLUGINS__START_TIMEOUT`` → ``["plugins", "start_timeout"]``."""
+    return [part.lower() for part in name[len(ENV_PREFIX) :].split(ENV_NESTING)]
+
+
+def _env_value(value: str) -> Any:
+    """Environment values are YAML scalars or flow collections (``[a, b]``, ``{k: v}``)."""
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+def _set_path(data: dict[str, Any], parts: list[str], value: Any, *, source: str) -> None:
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts)} cannot be set, {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(exc: ValidationError, path: Path | None) -> str:
+    where = f"config file {path}" if path else "configuration"
+    lines = [f"invalid {where}:"]
+    for error in exc.errors():
+        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see docs/configuration.md)"
+        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
+        lines.append(f"  {key}: {message}{shown}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""hashicorp/go-plugin internal services (package plugin)."""

@@ -1,0 +1,1 @@
+"""Grafana backend plugin protocol (package pluginv2)."""
