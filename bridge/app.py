@@ -1,4 +1,4 @@
-"""The aiohttp application: health endpoints, plugin metrics, and error handling."""
+"""The aiohttp application: the bridge's own endpoints, the front door, and error handling."""
 
 from __future__ import annotations
 
@@ -7,19 +7,17 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from bridge.config import BridgeConfig
+from bridge.server import Bridge
 from bridge.status import StatusError, from_plugin_error, status_response
 from plugin_host.errors import PluginError
-from plugin_host.host import PluginHost
 from plugin_host.supervisor import PluginState
 from protos.pluginv2 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-CONFIG_KEY = web.AppKey("config", BridgeConfig)
-HOST_KEY = web.AppKey("host", PluginHost)
-READY_KEY = web.AppKey("ready", dict)
+BRIDGE_KEY = web.AppKey("bridge", Bridge)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -47,28 +45,47 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         )
 
 
-def build_app(config: BridgeConfig, host: PluginHost) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware])
-    app[CONFIG_KEY] = config
-    app[HOST_KEY] = host
-    app[READY_KEY] = {"plugins": False}
-    app.router.add_get("/livez", livez)
-    app.router.add_get("/healthz", readyz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics/plugins/{plugin_id}", plugin_metrics)
-    app.cleanup_ctx.append(_plugins_context)
+def build_app(bridge: Bridge) -> web.Application:
+    app = web.Application(
+        middlewares=[errors_middleware], client_max_size=bridge.config.limits.max_body_bytes
+    )
+    app[BRIDGE_KEY] = bridge
+    own: dict[str, Handler] = {
+        "/livez": livez,
+        "/healthz": readyz,
+        "/readyz": readyz,
+        "/metrics": metrics,
+        "/metrics/plugins/{plugin_id}": plugin_metrics,
+        "/apis": api_groups,
+        "/apis/": api_groups,
+    }
+    for path, handler in own.items():
+        app.router.add_get(path, handler)
+        app.router.add_route("*", path, _read_only)
+    app.router.add_route("*", "/{tail:.*}", front_door)
+    app.cleanup_ctx.append(_bridge_context)
     return app
 
 
-async def _plugins_context(app: web.Application) -> AsyncIterator[None]:
-    host = app[HOST_KEY]
-    await host.load()
-    await host.start(wait=app[CONFIG_KEY].plugins.start_timeout + 5)
-    app[READY_KEY]["plugins"] = True
+async def _bridge_context(app: web.Application) -> AsyncIterator[None]:
+    bridge = app[BRIDGE_KEY]
+    await bridge.start()  # stops what it started if it fails or is cancelled
     try:
         yield
     finally:
-        await host.stop()
+        await bridge.stop()
+
+
+async def _read_only(request: web.Request) -> web.StreamResponse:
+    raise StatusError(405, f"{request.path} only answers GET", headers=(("Allow", "GET, HEAD"),))
+
+
+async def front_door(request: web.Request) -> web.StreamResponse:
+    return await request.app[BRIDGE_KEY].dispatch(request)
+
+
+async def api_groups(request: web.Request) -> web.StreamResponse:
+    return await request.app[BRIDGE_KEY].api_groups(request)
 
 
 async def livez(request: web.Request) -> web.Response:
@@ -76,20 +93,25 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready once plugins were started; ``?verbose`` lists each check, as Kubernetes does."""
-    host = request.app[HOST_KEY]
-    checks: list[tuple[str, bool, str]] = [
-        ("plugins-started", request.app[READY_KEY]["plugins"], ""),
+    """Ready once plugins were started and routes loaded; ``?verbose`` lists each check.
+
+    A single plugin that is down does not make the bridge unready (the delegate and the other
+    plugins still serve); its line says so, marked ``(not counted)``.
+    """
+    bridge = request.app[BRIDGE_KEY]
+    checks: list[tuple[str, bool, str, bool]] = [
+        ("plugins-started", bridge.ready["plugins"], "plugins are still starting", True),
+        ("routes-loaded", bridge.ready["routes"], "DataPlaneServices not loaded yet", True),
     ]
-    for status in host.registry.statuses():
+    for status in bridge.host.registry.statuses():
         ok = status.state is PluginState.RUNNING
-        checks.append((f"plugin-{status.plugin_id}", ok, "" if ok else str(status.state)))
-    healthy = all(ok for _, ok, _ in checks)
+        checks.append((f"plugin-{status.plugin_id}", ok, str(status.state), False))
+    healthy = all(ok for _, ok, _, counted in checks if counted)
     if "verbose" in request.query:
-        lines = [
-            f"[{'+' if ok else '-'}]{name} {'ok' if ok else 'failed: ' + why}"
-            for name, ok, why in checks
-        ]
+        lines = []
+        for name, ok, why, counted in checks:
+            note = "" if counted else " (not counted)"
+            lines.append(f"[{'+' if ok else '-'}]{name} {'ok' if ok else 'failed: ' + why + note}")
         lines.append(f"{request.path[1:]} check {'passed' if healthy else 'failed'}")
         body = "\n".join(lines) + "\n"
     else:
@@ -97,16 +119,23 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=200 if healthy else 503, text=body)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[BRIDGE_KEY].metrics.registry
+    response = web.Response(body=generate_latest(registry))
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
+
+
 async def plugin_metrics(request: web.Request) -> web.Response:
     """The plugin's own Prometheus metrics (``CollectMetrics``), passed on unchanged."""
     plugin_id = request.match_info["plugin_id"]
-    client = request.app[HOST_KEY].registry.client(plugin_id)
-    response = await client.collect_metrics(
-        pb.CollectMetricsRequest(pluginContext=pb.PluginContext(pluginId=plugin_id))
-    )
-    return web.Response(
-        body=response.metrics.prometheus,
-        content_type="text/plain",
-        charset="utf-8",
-        headers={"X-Content-Type-Options": "nosniff"},
-    )
+    bridge = request.app[BRIDGE_KEY]
+    client = bridge.host.registry.client(plugin_id)
+    with bridge.metrics.plugin_call(plugin_id, "collectMetrics"):
+        response = await client.collect_metrics(
+            pb.CollectMetricsRequest(pluginContext=pb.PluginContext(pluginId=plugin_id))
+        )
+    result = web.Response(body=response.metrics.prometheus)
+    result.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    result.headers["X-Content-Type-Options"] = "nosniff"
+    return result

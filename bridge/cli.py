@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import ssl
 import sys
 from collections.abc import Sequence
@@ -17,8 +18,9 @@ from bridge import __doc__ as bridge_doc
 from bridge.app import build_app
 from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.logsetup import configure_logging
+from bridge.provisioning import ProvisioningError
+from bridge.server import Bridge
 from plugin_host.discovery import DiscoveryResult, discover
-from plugin_host.host import PluginHost
 from plugin_host.keyring import KeyRing, KeyRingError
 
 log = logging.getLogger("bridge")
@@ -103,8 +105,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(config: BridgeConfig, args: argparse.Namespace) -> int:
-    host = PluginHost(config.host_config())
-    app = build_app(config, host)
     server = config.server
     ssl_context = None
     if server.tls_cert is not None or server.tls_key is not None:
@@ -115,22 +115,53 @@ def _serve(config: BridgeConfig, args: argparse.Namespace) -> int:
             ssl_context.load_cert_chain(server.tls_cert, server.tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"server.tls_cert/tls_key: cannot load: {exc}") from None
+    try:
+        bridge = Bridge(config)
+    except ProvisioningError as exc:
+        raise ConfigError(f"provisioning: {exc}") from None
+    # Bound before any plugin starts, so a taken address fails at once and starts nothing.
+    try:
+        sockets = _bind(server.host, server.port)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
+        return 1
     scheme = "https" if ssl_context else "http"
     log.info("grafana-bridge listening on %s://%s", scheme, server.listen)
     try:
         web.run_app(
-            app,
-            host=server.host,
-            port=server.port,
+            build_app(bridge),
+            sock=sockets,
+            # A client that goes away cancels its request, and with it the plugin call.
+            handler_cancellation=True,
             ssl_context=ssl_context,
             shutdown_timeout=server.shutdown_grace,
             print=None,
             access_log=None,
         )
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", server.listen, exc.strerror or exc)
-        return 1
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound (not yet listening) to every address ``host`` resolves to."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # The same options asyncio's create_server sets for a host and port.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 # -- plugins list / check --------------------------------------------------------------------

@@ -10,6 +10,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bridge.auth import AuthSettings
+from bridge.delegate import DelegateSettings
+from bridge.provisioning import ProvisioningSettings
 from plugin_host.handshake import GrafanaIdentity
 from plugin_host.host import HostConfig
 from plugin_host.supervisor import RestartPolicy, SupervisorOptions
@@ -86,6 +89,18 @@ class GrafanaSettings(_Section):
     feature_toggles: tuple[str, ...] = ()
 
 
+class DataPlaneSettings(_Section):
+    """Where DataPlaneServices come from until they are served by the bridge's own API."""
+
+    manifests: tuple[Path, ...] = ()
+    reload_interval: float = Field(default=2.0, gt=0)
+
+
+class LimitsSettings(_Section):
+    # The SDK's gRPC server refuses messages over 16 MiB, so a larger body could never arrive.
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0)
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -97,7 +112,19 @@ class BridgeConfig(_Section):
     server: ServerSettings = ServerSettings()
     plugins: PluginsSettings = PluginsSettings()
     grafana: GrafanaSettings = GrafanaSettings()
+    delegate: DelegateSettings = DelegateSettings()
+    auth: AuthSettings = AuthSettings()
+    provisioning: ProvisioningSettings = ProvisioningSettings()
+    dataplane: DataPlaneSettings = DataPlaneSettings()
+    limits: LimitsSettings = LimitsSettings()
     logging: LoggingSettings = LoggingSettings()
+
+    def grafana_identity(self) -> GrafanaIdentity:
+        return GrafanaIdentity(
+            version=self.grafana.version,
+            app_url=self.grafana.root_url,
+            feature_toggles=self.grafana.feature_toggles,
+        )
 
     def host_config(self) -> HostConfig:
         p = self.plugins
@@ -107,11 +134,7 @@ class BridgeConfig(_Section):
             dev_mode=p.dev_mode,
             public_key_files=p.public_keys,
             grafana_root_url=self.grafana.root_url or None,
-            grafana=GrafanaIdentity(
-                version=self.grafana.version,
-                app_url=self.grafana.root_url,
-                feature_toggles=self.grafana.feature_toggles,
-            ),
+            grafana=self.grafana_identity(),
             supervisor=SupervisorOptions(
                 start_timeout=p.start_timeout,
                 stop_grace=p.stop_grace,
@@ -145,16 +168,22 @@ def load_config(
     if path is not None:
         data = _read_yaml(path)
         _resolve_paths(data, path.parent)
+    # Where each value not from the file came from, so an error can name what to fix.
+    sources: dict[tuple[str, ...], str] = {}
     env = os.environ if environ is None else environ
     for name, value in sorted(env.items()):
         if name.startswith(ENV_PREFIX) and len(name) > len(ENV_PREFIX):
-            _set_path(data, _env_path(name), _env_value(value), source=name)
+            parts = _env_path(name)
+            _set_path(data, parts, _env_value(value), source=name)
+            sources[tuple(parts)] = f"environment variable {name}"
     for dotted, value in (overrides or {}).items():
-        _set_path(data, dotted.split("."), value, source=f"--{dotted}")
+        parts = dotted.split(".")
+        _set_path(data, parts, value, source=f"--{dotted}")
+        sources[tuple(parts)] = "the command line"
     try:
         return BridgeConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path)) from None
+        raise ConfigError(_describe(exc, path, sources)) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -162,6 +191,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -176,19 +209,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# Keys holding file system paths, resolved against the config file's directory.
+_PATH_KEYS: tuple[tuple[str, str], ...] = (
+    ("plugins", "directories"),
+    ("plugins", "public_keys"),
+    ("server", "tls_cert"),
+    ("server", "tls_key"),
+    ("provisioning", "directories"),
+    ("dataplane", "manifests"),
+    ("auth", "token_file"),
+    ("delegate", "ca_file"),
+)
+
+
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    plugins = data.get("plugins")
-    if not isinstance(plugins, dict):
-        return
-    for key in ("directories", "public_keys"):
-        value = plugins.get(key)
-        if isinstance(value, list):
-            plugins[key] = [str(base / v) if isinstance(v, str) else v for v in value]
-    server = data.get("server")
-    if isinstance(server, dict):
-        for key in ("tls_cert", "tls_key"):
-            if isinstance(server.get(key), str):
-                server[key] = str(base / server[key])
+    for section_name, key in _PATH_KEYS:
+        section = data.get(section_name)
+        if not isinstance(section, dict):
+            continue
+        value = section.get(key)
+        if isinstance(value, str):
+            section[key] = str(base / value)
+        elif isinstance(value, list):
+            section[key] = [str(base / v) if isinstance(v, str) else v for v in value]
 
 
 def _env_path(name: str) -> list[str]:
@@ -197,11 +240,22 @@ def _env_path(name: str) -> list[str]:
 
 
 def _env_value(value: str) -> Any:
-    """Environment values are YAML scalars or flow collections (``[a, b]``, ``{k: v}``)."""
-    try:
-        return yaml.safe_load(value) if value.strip() else value
-    except yaml.YAMLError:
-        return value
+    """A YAML flow collection (``[a, b]``, ``{k: v}``), ``null``/``~`` for unset, or a string.
+
+    Other scalars stay strings and validation converts them to the key's type, so a version
+    such as ``11.10`` is never read as the number 11.1.
+    """
+    text = value.strip()
+    if text in ("null", "~"):
+        return None
+    if text.startswith(("[", "{")):
+        try:
+            parsed = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return value
+        if isinstance(parsed, list | dict):
+            return parsed
+    return value
 
 
 def _set_path(data: dict[str, Any], parts: list[str], value: Any, *, source: str) -> None:
@@ -214,14 +268,21 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, *, source: str
     node[parts[-1]] = value
 
 
-def _describe(exc: ValidationError, path: Path | None) -> str:
+def _describe(
+    exc: ValidationError, path: Path | None, sources: Mapping[tuple[str, ...], str]
+) -> str:
     where = f"config file {path}" if path else "configuration"
     lines = [f"invalid {where}:"]
     for error in exc.errors():
-        key = ".".join(str(p) for p in error["loc"]) or "(top level)"
-        message = error["msg"]
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
         if error["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see docs/configuration.md)"
-        shown = "" if error["type"] == "extra_forbidden" else f" (got {error.get('input')!r})"
-        lines.append(f"  {key}: {message}{shown}")
+        else:
+            message += f" (got {error.get('input')!r})"
+        origin = next((sources[loc[:n]] for n in range(len(loc), 0, -1) if loc[:n] in sources), "")
+        if origin:
+            message += f", set by {origin}"
+        lines.append(f"  {key}: {message}")
     return "\n".join(lines)

@@ -48,6 +48,7 @@ class StatusError(Exception):
     message: str
     reason: str | None = None
     retry_after: float | None = None
+    headers: tuple[tuple[str, str], ...] = ()
 
     def __str__(self) -> str:
         return f"{self.code} {self.message}"
@@ -66,7 +67,7 @@ def status_body(code: int, message: str, reason: str | None = None) -> dict[str,
 
 
 def status_response(error: StatusError) -> web.Response:
-    headers = {}
+    headers = dict(error.headers)
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return web.Response(

@@ -4,4 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+# git does not keep file modes beyond the executable bit; tokens are secrets.
+chmod 600 examples/tokens.csv
+export QUICKSTART_API_KEY=${QUICKSTART_API_KEY:-not-a-real-secret}
 exec .venv/bin/grafana-bridge serve --config examples/quickstart.yaml "$@"

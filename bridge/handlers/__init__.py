@@ -1,0 +1,1 @@
+"""One module per DataPlaneService endpoint; each translates HTTP to pluginv2 and back."""

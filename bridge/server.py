@@ -1,0 +1,176 @@
+"""The front door: owned requests go to plugin handlers, everything else to the delegate."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from bridge.apis import DataPlaneService
+from bridge.auth import authorize_namespace, build_authenticator, require_identity
+from bridge.config import BridgeConfig
+from bridge.context import Contexts
+from bridge.delegate import Delegate
+from bridge.handlers.base import Call, Deps, Handler
+from bridge.handlers.health import handle_health
+from bridge.handlers.query import handle_query
+from bridge.handlers.resource import handle_resource
+from bridge.identity import OrgRole, namespace_for_org
+from bridge.manifests import ManifestSet, ManifestWatcher
+from bridge.metrics import BridgeMetrics
+from bridge.plugin_context import default_grafana_config
+from bridge.provisioning import ProvisioningStore
+from bridge.routing import Endpoint, Match, MethodNotAllowed, PathError, RouteTable
+from bridge.status import StatusError
+from plugin_host.host import PluginHost
+
+log = logging.getLogger(__name__)
+
+HANDLERS: Mapping[Endpoint, Handler] = {
+    Endpoint.QUERY: handle_query,
+    Endpoint.HEALTH: handle_health,
+    Endpoint.RESOURCE: handle_resource,
+    Endpoint.ROUTE: handle_resource,
+}
+
+
+class Bridge:
+    """One bridge: plugins, route table, delegate, auth, provisioning, metrics.
+
+    The route table is replaced whole (:meth:`set_services`); a request in flight keeps the
+    table it resolved against.
+    """
+
+    def __init__(self, config: BridgeConfig, *, host_env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if host_env is None else host_env
+        self.config = config
+        self.host = PluginHost(config.host_config(), host_env=env)
+        self.metrics = BridgeMetrics(self.host.registry.statuses)
+        self.delegate = Delegate(config.delegate, observe=self.metrics.observe_delegated)
+        self.provisioning = ProvisioningStore(config.provisioning, env=env)
+        self.authenticator = build_authenticator(config.auth, fetch=self._fetch)
+        self.routes = RouteTable()
+        self.ready = {"plugins": False, "routes": False}
+        self.manifests = ManifestWatcher(
+            config.dataplane.manifests,
+            on_change=self._manifests_changed,
+            interval=config.dataplane.reload_interval,
+        )
+        grafana = config.grafana_identity()
+        contexts = Contexts(
+            provisioning=self.provisioning,
+            plugin_version=self._plugin_version,
+            grafana=grafana,
+            grafana_config=default_grafana_config(grafana),
+        )
+        self.deps = Deps(
+            client=self.host.registry.client,
+            contexts=contexts,
+            metrics=self.metrics,
+            call_timeout=config.plugins.call_timeout,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- route table -----------------------------------------------------------------------
+
+    def set_services(self, services: list[DataPlaneService]) -> RouteTable:
+        table = RouteTable.build(services)
+        for loser, winner in table.conflicts.items():
+            log.error(
+                "DataPlaneService %s is not served: %s already claims its group and version",
+                loser,
+                winner,
+            )
+        self.routes = table
+        self.metrics.route_table_services.set(len(table))
+        self.metrics.route_table_swaps.inc()
+        return table
+
+    def _manifests_changed(self, manifests: ManifestSet) -> None:
+        self.set_services(list(manifests.services))
+        self.ready["routes"] = True
+
+    def _plugin_version(self, plugin_id: str) -> str:
+        spec = self.host.discovery.get(plugin_id)
+        return (spec.version or "") if spec is not None else ""
+
+    async def _fetch(self, path: str, headers: Mapping[str, str]) -> tuple[int, Any]:
+        return await self.delegate.fetch_json(
+            path, headers=headers, timeout=self.config.auth.timeout
+        )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        """Resolve once, on the raw path; authorise and handle on that same resolution."""
+        try:
+            resolved = self.routes.resolve(request.method, request.rel_url.raw_path)
+        except PathError as exc:
+            raise StatusError(400, f"invalid request path: {exc}") from None
+        if resolved is None:
+            return await self.delegate.proxy(request)
+        if isinstance(resolved, MethodNotAllowed):
+            allowed = ", ".join(sorted(resolved.allowed))
+            raise StatusError(
+                405,
+                f"method {request.method} is not allowed here; use {allowed}",
+                headers=(("Allow", allowed),),
+            )
+        handler = HANDLERS.get(resolved.endpoint)
+        if handler is None:
+            # Service types this bridge does not serve yet fall through, as upstream's do.
+            return await self.delegate.proxy(request)
+        call = await self._authorize(request, resolved)
+        return await handler(call, self.deps)
+
+    async def _authorize(self, request: web.Request, match: Match) -> Call:
+        identity = await require_identity(self.authenticator, request)
+        namespace = match.params.get("namespace")
+        if namespace is not None:
+            org_id = authorize_namespace(identity, namespace)
+        else:
+            org_id = identity.org_id
+            namespace = namespace_for_org(org_id)
+        if identity.role.rank < OrgRole.VIEWER.rank:
+            raise StatusError(403, f"user {identity.login!r} has no role in org {org_id}")
+        return Call(
+            request=request, match=match, identity=identity, org_id=org_id, namespace=namespace
+        )
+
+    async def api_groups(self, request: web.Request) -> web.StreamResponse:
+        """``/apis``: the bridge's own API groups first, then the delegate's."""
+        document = await self.delegate.merged_api_groups(self.own_api_groups(), request.headers)
+        return web.json_response(document)
+
+    def own_api_groups(self) -> list[dict[str, Any]]:
+        # DataPlaneService groups are not listed, as upstream: their resources live elsewhere.
+        return []
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything; on failure (or cancellation) whatever started is stopped again."""
+        try:
+            await self.delegate.start()
+            await self.manifests.load()
+            self.manifests.start()
+            self._tasks.append(asyncio.create_task(self.provisioning.watch(), name="provisioning"))
+            await self.host.load()
+            await self.host.start(wait=self.config.plugins.start_timeout + 5)
+            self.ready["plugins"] = True
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.manifests.stop()
+        await self.host.stop()
+        await self.delegate.close()
