@@ -9,6 +9,7 @@ not depend on how many services are registered.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -204,22 +205,28 @@ class RouteTable:
         return None
 
 
+_RAW_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\]")
+_DECODED_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f\\/]")
+
+
 def _segments(raw: str) -> list[str]:
     segments = raw.split("/")
-    decoded: list[str] = []
     last = len(segments) - 1
     for i, segment in enumerate(segments):
-        if segment == "" and i != last:
-            raise PathError("the path contains an empty segment (//)")
-        try:
-            value = unquote(segment, errors="strict")
-        except UnicodeDecodeError:
-            raise PathError("the path is not valid UTF-8 once decoded") from None
-        if value in (".", ".."):
+        if not segment:
+            if i != last:
+                raise PathError("the path contains an empty segment (//)")
+            continue
+        if "%" in segment:
+            try:
+                segment = unquote(segment, errors="strict")
+            except UnicodeDecodeError:
+                raise PathError("the path is not valid UTF-8 once decoded") from None
+            if _DECODED_FORBIDDEN.search(segment):
+                raise PathError("the path contains an encoded /, \\ or control character")
+            segments[i] = segment
+        elif _RAW_FORBIDDEN.search(segment):
+            raise PathError("the path contains a \\ or control character")
+        if segment in (".", ".."):
             raise PathError("the path contains a . or .. segment")
-        if "/" in value or "\\" in value:
-            raise PathError("the path contains an encoded / or \\")
-        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
-            raise PathError("the path contains control characters")
-        decoded.append(value)
-    return decoded
+    return segments

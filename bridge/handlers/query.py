@@ -44,7 +44,7 @@ async def handle_query(call: Call, deps: Deps) -> web.StreamResponse:
         answer = await client.query_data(request, timeout=deps.call_timeout)
     # Each frame is converted and written as it goes, so a large answer is not held twice.
     try:
-        return await write_query_response(call.request, answer.responses, pretty=True)
+        return await write_query_response(call.request, answer.responses)
     except FrameError as exc:
         raise StatusError(
             502, f"plugin {service.plugin_id} sent a data frame that cannot be read: {exc}"
