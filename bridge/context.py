@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from bridge.auth import forwardable_headers, query_headers
+from bridge.auth import ORG_HEADER, forwardable_headers, query_headers
 from bridge.handlers.base import Call
 from bridge.plugin_context import build_plugin_context
 from bridge.provisioning import AppSettings, ProvisioningStore
@@ -60,6 +60,10 @@ class Contexts:
         forwarded = forwardable_headers(
             call.request.headers, identity=call.identity, json_data=json_data
         )
+        if ORG_HEADER in forwarded:
+            # Grafana forwards the header only once it has made it the request's org; token
+            # mode never reads it, so the caller's value could name an org the request is not in.
+            forwarded[ORG_HEADER] = str(call.org_id)
         return query_headers(forwarded) if prefixed else forwarded
 
     def _build(self, call: Call, **settings: Any) -> pb.PluginContext:

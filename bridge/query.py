@@ -14,6 +14,7 @@ from protos.pluginv2 import backend_pb2 as pb
 
 DEFAULT_MAX_DATA_POINTS = 100
 DEFAULT_INTERVAL_MS = 1000
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 # Keys the SDK knows; every other key of a query stays in its JSON for the plugin.
 _TIME_RANGE_KEY = "timeRange"
@@ -49,7 +50,7 @@ def bad_request(message: str) -> StatusError:
 def parse_query_body(body: bytes, *, now: datetime | None = None) -> ParsedQuery:
     """Decode and check a query request body; every problem is a 400 with a precise message."""
     try:
-        doc = json.loads(body)
+        doc = json.loads(body, parse_constant=_not_json)
     except UnicodeDecodeError:
         raise bad_request("request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -117,6 +118,18 @@ def parse_query_body(body: bytes, *, now: datetime | None = None) -> ParsedQuery
     return ParsedQuery(datasource=datasource, queries=tuple(built))
 
 
+def _not_json(name: str) -> object:
+    # Python reads NaN and Infinity; JSON (and Go, and so the plugin) does not.
+    raise bad_request(f"request body is not valid JSON: {name} is not a JSON value")
+
+
+def _int64(value: int, what: str) -> int:
+    """``value`` if it fits the int64 fields of pluginv2 messages, else a 400."""
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise bad_request(f"{what} is out of range")
+    return value
+
+
 def _datasource_ref(raw: object, where: str) -> DatasourceRef | None:
     if raw is None:
         return None
@@ -141,7 +154,7 @@ def _max_data_points(raw: object, where: str) -> int:
         value = int(raw)
     if value is None or value < 0:
         raise bad_request(f"{where}.maxDataPoints must be a non-negative integer, got {raw!r}")
-    return value or DEFAULT_MAX_DATA_POINTS
+    return _int64(value, f"{where}.maxDataPoints") or DEFAULT_MAX_DATA_POINTS
 
 
 def _interval_ms(raw: object, where: str) -> int:
@@ -154,7 +167,7 @@ def _interval_ms(raw: object, where: str) -> int:
         or raw < 0
     ):
         raise bad_request(f"{where}.intervalMs must be a non-negative number, got {raw!r}")
-    return int(raw) if raw > 0 else DEFAULT_INTERVAL_MS
+    return _int64(int(raw), f"{where}.intervalMs") if raw > 0 else DEFAULT_INTERVAL_MS
 
 
 def _optional_string(raw: object, where: str) -> str:
@@ -179,22 +192,27 @@ def parse_time(raw: object, now: datetime, *, key: str) -> int:
     """``now``, ``now-1h``, ``now-1d/d``, epoch milliseconds, or RFC 3339 → epoch ms."""
     if isinstance(raw, bool):
         raise bad_request(f"{key} must be a time, got {raw!r}")
+    if isinstance(raw, float) and not math.isfinite(raw):  # 1e400 reads as infinity
+        raise bad_request(f"{key} must be a finite number, got {raw!r}")
     if isinstance(raw, (int, float)):
-        return int(raw)
+        return _int64(int(raw), key)
     if not isinstance(raw, str):
         raise bad_request(f"{key} must be a string or epoch milliseconds, got {raw!r}")
     text = raw.strip()
-    if text.isdigit():
-        return int(text)
+    if text.isascii() and text.isdigit():  # "²".isdigit() holds, but int() refuses it
+        return _int64(int(text), key)
     match = _RELATIVE.match(text)
     if match:
         moment = now
-        if match.group("amount"):
-            moment = _shift(
-                moment, int(match.group("amount")), match.group("unit"), match.group("sign")
-            )
-        if match.group("round"):
-            moment = _round_down(moment, match.group("round"))
+        try:
+            if match.group("amount"):
+                moment = _shift(
+                    moment, int(match.group("amount")), match.group("unit"), match.group("sign")
+                )
+            if match.group("round"):
+                moment = _round_down(moment, match.group("round"))
+        except (OverflowError, ValueError):  # past the years datetime can hold
+            raise bad_request(f"{key} {raw!r} is out of range") from None
         return int(moment.timestamp() * 1000)
     try:
         parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))

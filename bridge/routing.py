@@ -217,16 +217,17 @@ def _segments(raw: str) -> list[str]:
             if i != last:
                 raise PathError("the path contains an empty segment (//)")
             continue
+        value = segment
         if "%" in segment:
             try:
-                segment = unquote(segment, errors="strict")
+                value = unquote(segment, errors="strict")
             except UnicodeDecodeError:
                 raise PathError("the path is not valid UTF-8 once decoded") from None
-            if _DECODED_FORBIDDEN.search(segment):
+            if _DECODED_FORBIDDEN.search(value):
                 raise PathError("the path contains an encoded /, \\ or control character")
-            segments[i] = segment
+            segments[i] = value
         elif _RAW_FORBIDDEN.search(segment):
             raise PathError("the path contains a \\ or control character")
-        if segment in (".", ".."):
+        if value in (".", ".."):
             raise PathError("the path contains a . or .. segment")
     return segments

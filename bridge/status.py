@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
 from http import HTTPStatus
+from typing import Any
 
 from aiohttp import web
 
@@ -40,22 +41,42 @@ _REASONS: dict[int, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class StatusError(Exception):
-    """An HTTP failure the bridge answers deliberately, rendered as a ``Status``."""
+    """An HTTP failure the bridge answers deliberately, rendered as a ``Status``.
 
-    code: int
-    message: str
-    reason: str | None = None
-    retry_after: float | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+    A plain exception class (not a frozen dataclass): exceptions get attributes such as
+    ``__traceback__`` set on their way up, e.g. through ``contextlib.contextmanager``.
+    """
+
+    def __init__(
+        self,
+        code: int,
+        message: str,
+        reason: str | None = None,
+        *,
+        retry_after: float | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.retry_after = retry_after
+        self.headers = headers
+        self.details = details
 
     def __str__(self) -> str:
         return f"{self.code} {self.message}"
 
 
-def status_body(code: int, message: str, reason: str | None = None) -> dict[str, object]:
-    return {
+def status_body(
+    code: int,
+    message: str,
+    reason: str | None = None,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, object]:
+    body: dict[str, object] = {
         "kind": "Status",
         "apiVersion": "v1",
         "metadata": {},
@@ -64,6 +85,9 @@ def status_body(code: int, message: str, reason: str | None = None) -> dict[str,
         "reason": reason or _REASONS.get(code, HTTPStatus(code).phrase.replace(" ", "")),
         "code": code,
     }
+    if details:
+        body["details"] = dict(details)
+    return body
 
 
 def status_response(error: StatusError) -> web.Response:
@@ -72,7 +96,7 @@ def status_response(error: StatusError) -> web.Response:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return web.Response(
         status=error.code,
-        text=json.dumps(status_body(error.code, error.message, error.reason)),
+        text=json.dumps(status_body(error.code, error.message, error.reason, error.details)),
         content_type="application/json",
         headers=headers,
     )

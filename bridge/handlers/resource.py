@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 # Never passed to the plugin: the caller's Grafana credentials (as Grafana strips them).
 _DROP_REQUEST = frozenset(
-    {"cookie", "authorization", "x-grafana-org-id", "x-ds-authorization", "x-id-token"}
+    {"cookie", "authorization", "x-grafana-org-id", "x-ds-authorization", "x-id-token", "host"}
 )
 _HOP_BY_HOP = frozenset(
     {
@@ -75,40 +75,69 @@ async def handle_resource(call: Call, deps: Deps) -> web.StreamResponse:
         body=await request.read(),
     )
     client = deps.client(service.plugin_id)
-    with deps.metrics.plugin_call(service.plugin_id, "callResource"):
-        stream = client.call_resource(message, timeout=deps.call_timeout)
-        try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            raise StatusError(
-                502, f"plugin {service.plugin_id} sent an empty resource response"
-            ) from None
-        if not 100 <= first.code <= 599:
-            await stream.aclose()  # type: ignore[attr-defined]
-            raise StatusError(
-                502, f"plugin {service.plugin_id} answered with invalid status code {first.code}"
+    try:
+        with deps.metrics.plugin_call(service.plugin_id, "callResource"):
+            stream = client.call_resource(message, timeout=deps.call_timeout)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise _Unusable(
+                    f"plugin {service.plugin_id} sent an empty resource response"
+                ) from None
+            # A 1xx is never a final answer: sent as one, the client would take the next
+            # response on the connection for this request's.
+            if not 200 <= first.code <= 599:
+                await stream.aclose()  # type: ignore[attr-defined]
+                raise _Unusable(
+                    f"plugin {service.plugin_id} answered with invalid status code {first.code}"
+                )
+            # RFC 9110 §6.4.1: no content after HEAD, 204 or 304. Written anyway it would be
+            # read as the next response on the connection; Go's net/http drops it too.
+            with_body = request.method != "HEAD" and first.code not in (204, 304)
+            response = web.StreamResponse(
+                status=first.code, headers=_response_headers(first.headers)
             )
-        response = web.StreamResponse(status=first.code, headers=_response_headers(first.headers))
-        await response.prepare(request)
-        if first.body:
-            await response.write(first.body)
-        # From here the status line is sent: a failure can only cut the body short.
-        try:
-            async for more in stream:
-                if more.body:
-                    await response.write(more.body)
-        except Exception:
-            log.warning(
-                "plugin %s failed mid-response for %s; closing the connection",
-                service.plugin_id,
-                path,
-                exc_info=True,
-            )
-            if request.transport is not None:
-                request.transport.close()
+            await response.prepare(request)
+            if first.body and with_body:
+                await response.write(first.body)
+            # From here the status line is sent: a failure can only cut the body short.
+            try:
+                async for more in stream:
+                    if more.body and with_body:
+                        await response.write(more.body)
+            except Exception as exc:
+                log.warning(
+                    "plugin %s failed mid-response for %s; closing the connection",
+                    service.plugin_id,
+                    path,
+                    exc_info=True,
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                raise _CutShort(response) from exc
+            await response.write_eof()
             return response
-        await response.write_eof()
-        return response
+    except _Unusable as exc:
+        raise StatusError(502, str(exc)) from None
+    except _CutShort as cut:
+        return cut.response
+
+
+class _Unusable(Exception):
+    """The plugin's answer cannot be passed on (502).
+
+    Not a StatusError: that is a frozen dataclass, and the metrics context manager (a
+    ``@contextmanager``) sets ``__traceback__`` on the exception passing through it, which
+    then fails with a TypeError and the client gets a 500.
+    """
+
+
+class _CutShort(Exception):
+    """The answer broke off after its status line; the call counts as failed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("the resource response was cut short")
+        self.response = response
 
 
 def _response_headers(raw: Mapping[str, pb.StringList]) -> CIMultiDict[str]:
