@@ -1,5 +1,8 @@
 """Find, verify, launch and supervise Grafana backend plugins; talk to them over pluginv2."""
 
+# First, before anything imports grpc: without setpriv, process turns gRPC's fork support off,
+# which only counts if it happens before gRPC is imported (see plugin_host/process.py).
+from plugin_host import process as process
 from plugin_host.client import BackendClient, map_rpc_error, open_channel
 from plugin_host.discovery import (
     DiscoveryResult,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar, cast
@@ -56,9 +57,16 @@ PLUGINV2_SERVICES = (
 HEALTH_SERVICE = "plugin"
 
 
-def open_channel(target: str) -> grpc.aio.Channel:
-    """An insecure channel to a plugin's socket, as Grafana uses (no AutoMTLS)."""
-    return grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+def open_channel(target: str, *, own_connection: bool = False) -> grpc.aio.Channel:
+    """An insecure channel to a plugin's socket, as Grafana uses (no AutoMTLS).
+
+    With ``own_connection`` the channel never shares its connection with other channels to
+    the same plugin: health checks on it do not queue behind long-running user calls.
+    """
+    options = list(CHANNEL_OPTIONS)
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return grpc.aio.insecure_channel(target, options=options)
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError, *, plugin_id: str, method: str) -> PluginError:
@@ -134,12 +142,9 @@ class BackendClient:
         self._controller = grpc_controller_pb2_grpc.GRPCControllerStub(channel)
         self._stdio = grpc_stdio_pb2_grpc.GRPCStdioStub(channel)
 
-    @property
-    def channel(self) -> grpc.aio.Channel:
-        return self._channel
-
-    async def close(self) -> None:
-        await self._channel.close(None)
+    async def close(self, grace: float | None = None) -> None:
+        """Close the connection; calls still running get ``grace`` seconds, then fail."""
+        await self._channel.close(grace)
 
     # -- pluginv2.Data ---------------------------------------------------------------------
 
@@ -248,7 +253,12 @@ class BackendClient:
     def stream_stdio(self) -> AsyncIterator[grpc_stdio_pb2.StdioData]:
         """What the plugin writes to stdout/stderr after serving began (go-plugin >= 1.3)."""
         return self._streaming(
-            "StreamStdio", self._stdio.StreamStdio, empty_pb2.Empty(), None, default=False
+            "StreamStdio",
+            self._stdio.StreamStdio,
+            empty_pb2.Empty(),
+            None,
+            default=False,
+            check_available=False,
         )
 
     async def served_services(self, *, timeout: float = 5.0) -> frozenset[str] | None:
@@ -263,7 +273,11 @@ class BackendClient:
         async def requests() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
             yield request
 
-        call = stub.ServerReflectionInfo(requests(), timeout=timeout)
+        method = "ServerReflectionInfo"
+        try:
+            call = stub.ServerReflectionInfo(requests(), timeout=timeout)
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
         try:
             async for response in call:
                 names = {s.name for s in response.list_services_response.service}
@@ -271,9 +285,13 @@ class BackendClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 return None
-            raise map_rpc_error(
-                exc, plugin_id=self.plugin_id, method="ServerReflectionInfo"
-            ) from None
+            raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
+        except asyncio.CancelledError:
+            if self._caller_cancelled():
+                raise
+            raise self._closed(method) from None
         finally:
             call.cancel()
         return None
@@ -285,6 +303,22 @@ class BackendClient:
             error = self._unavailable()
             if error is not None:
                 raise error
+
+    def _closed(self, method: str) -> PluginUnavailable:
+        return PluginUnavailable(
+            self.plugin_id,
+            f"{method}: the connection to the plugin is closed (it was restarted or stopped)",
+        )
+
+    @staticmethod
+    def _caller_cancelled() -> bool:
+        """Whether a CancelledError out of grpc is our caller's own cancellation.
+
+        Closing a channel also cancels its calls; a caller whose task nobody cancelled must
+        see that as the plugin going away, not as a cancellation it never asked for.
+        """
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
     async def _unary(
         self,
@@ -301,6 +335,12 @@ class BackendClient:
             return await rpc(request, timeout=self.default_timeout if timeout is None else timeout)
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
+        except asyncio.CancelledError:
+            if self._caller_cancelled():
+                raise
+            raise self._closed(method) from None
 
     async def _streaming(
         self,
@@ -310,15 +350,26 @@ class BackendClient:
         timeout: float | None,
         *,
         default: bool = True,
+        check_available: bool = True,
     ) -> AsyncIterator[Any]:
-        self._check_available()
+        if check_available:
+            self._check_available()
         if timeout is None and default:
             timeout = self.default_timeout
-        call = rpc(request, timeout=timeout)
+        try:
+            call = rpc(request, timeout=timeout)
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
         try:
             async for message in call:
                 yield message
         except grpc.aio.AioRpcError as exc:
             raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
+        except asyncio.CancelledError:
+            if self._caller_cancelled():
+                raise
+            raise self._closed(method) from None
         finally:
             call.cancel()

@@ -4,9 +4,10 @@ Every error raised by ``plugin_host`` carries the id of the plugin it concerns::
 
     PluginError
     ├── PluginLaunchError            the process could not be started or connected
+    │   │                            (carries exit_code and stderr_tail when known)
     │   ├── PluginSpawnError         exec failed (missing file, permission, bad format)
-    │   └── HandshakeError           the go-plugin handshake failed
-    │       ├── PluginExitedBeforeHandshake   (exit code + stderr tail)
+    │   └── HandshakeError           the go-plugin handshake failed (or stdout closed early)
+    │       ├── PluginExitedBeforeHandshake   (the process ended first)
     │       ├── HandshakeTimeout              (no line within the start timeout)
     │       ├── MalformedHandshake            (garbage on stdout, quoted)
     │       ├── UnsupportedProtocol           (netrpc, unknown network)
@@ -19,11 +20,14 @@ Every error raised by ``plugin_host`` carries the id of the plugin it concerns::
     │   └── PluginInternalError      the plugin answered with an error (carries errorSource)
     └── PluginNotFound               no plugin with that id is known
 
-The HTTP layer maps this tree to Kubernetes ``Status`` bodies in exactly one place.
+The HTTP layer maps this tree to Kubernetes ``Status`` bodies in exactly one place. Messages
+are one line and never quote what a plugin wrote on stderr: that stays in ``stderr_tail``,
+the logs and ``PluginStatus.last_output``, which are for operators only.
 """
 
 from __future__ import annotations
 
+import signal
 from enum import StrEnum
 
 
@@ -55,7 +59,24 @@ class PluginNotFound(PluginError):
 
 
 class PluginLaunchError(PluginError):
-    """The plugin process could not be started and connected to."""
+    """The plugin process could not be started and connected to.
+
+    ``exit_code`` is the process's exit status when it ended on its own (negative: killed by
+    that signal); ``stderr_tail`` holds its last lines on stderr. Both are for logs and
+    operators: the message itself is one line and never quotes the plugin's output.
+    """
+
+    def __init__(
+        self,
+        plugin_id: str,
+        message: str,
+        *,
+        exit_code: int | None = None,
+        stderr_tail: str = "",
+    ) -> None:
+        super().__init__(plugin_id, message)
+        self.exit_code = exit_code
+        self.stderr_tail = stderr_tail
 
 
 class PluginSpawnError(PluginLaunchError):
@@ -70,22 +91,25 @@ class PluginExitedBeforeHandshake(HandshakeError):
     """The process ended before printing its handshake line."""
 
     def __init__(self, plugin_id: str, *, exit_code: int | None, stderr_tail: str) -> None:
-        what = "was killed by a signal" if exit_code is not None and exit_code < 0 else "exited"
-        code = f" (exit code {exit_code})" if exit_code is not None else ""
-        detail = f"; last output on stderr:\n{stderr_tail}" if stderr_tail else "; stderr was empty"
-        super().__init__(plugin_id, f"plugin process {what}{code} before the handshake{detail}")
-        self.exit_code = exit_code
-        self.stderr_tail = stderr_tail
+        what = describe_exit(exit_code) if exit_code is not None else "ended"
+        quiet = "" if stderr_tail else " (it wrote nothing on stderr)"
+        super().__init__(
+            plugin_id,
+            f"process {what} before the handshake{quiet}",
+            exit_code=exit_code,
+            stderr_tail=stderr_tail,
+        )
 
 
 class HandshakeTimeout(HandshakeError):
     """No handshake line arrived within the start timeout."""
 
-    def __init__(self, plugin_id: str, *, timeout: float) -> None:
+    def __init__(self, plugin_id: str, *, timeout: float, stderr_tail: str = "") -> None:
         super().__init__(
             plugin_id,
             f"no handshake line on stdout within {timeout:g}s; the process was killed "
             "(is it a go-plugin binary, and is start_timeout long enough?)",
+            stderr_tail=stderr_tail,
         )
         self.timeout = timeout
 
@@ -150,3 +174,14 @@ class PluginInternalError(PluginCallError):
         super().__init__(plugin_id, message, method=method)
         self.grpc_code = grpc_code
         self.error_source = error_source
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, in words: ``exited with status 3``, ``was killed by SIGKILL``."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"was killed by {name}"

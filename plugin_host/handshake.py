@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -24,8 +25,20 @@ PROXY_VARIABLES = ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO
 # A host must never make a plugin believe it runs in the SDK's standalone mode by accident.
 _STANDALONE_PREFIX = "GF_PLUGIN_GRPC_ADDRESS_"
 
+# go-plugin variables only the host may set: each changes where the plugin listens or what it
+# demands of the host (a certificate, multiplexing, a socket group). A value inherited from the
+# host's own environment or slipped in through settings must never reach the plugin.
+HOST_ONLY_VARIABLES = (
+    "PLUGIN_CLIENT_CERT",
+    "PLUGIN_MULTIPLEX_GRPC",
+    "PLUGIN_UNIX_SOCKET_DIR",
+    "PLUGIN_UNIX_SOCKET_GROUP",
+)
+
 # go-plugin treats a 6th field as a certificate only when it is this long.
 _MIN_CERT_LENGTH = 50
+
+_DIGITS = re.compile(r"[0-9]+")
 
 
 class Network(StrEnum):
@@ -42,7 +55,6 @@ class HandshakeInfo:
     network: Network
     address: str
     protocol: str
-    server_cert: str | None = None
     multiplexed: bool = False
 
     @property
@@ -82,6 +94,8 @@ def build_environment(
     Later keys win, as Go's exec keeps the last of duplicated variables: Grafana's variables,
     then the host environment (or only the proxy allow-list), then go-plugin's own.
     ``plugin_settings`` become ``GF_PLUGIN_<KEY>`` like a ``[plugin.<id>]`` ini section.
+    ``tmpdir``, when given, is the plugin's private directory (see :func:`confine_environment`;
+    :class:`~plugin_host.process.PluginProcess` sets it per start anyway).
     """
     env: dict[str, str] = {
         "GF_VERSION": grafana.version,
@@ -102,23 +116,35 @@ def build_environment(
         # Grafana lets its own environment override an ini value of the same name.
         env[name] = host_env.get(name, value)
     if forward_host_env:
-        env.update(
-            (key, value)
-            for key, value in host_env.items()
-            if not key.startswith(_STANDALONE_PREFIX)
-        )
+        env.update(host_env)
     else:
         env.update((key, host_env[key]) for key in PROXY_VARIABLES if key in host_env)
     env.update(extra_env or {})
-    if tmpdir is not None:
-        env["TMPDIR"] = tmpdir
+    env = confine_environment(env, private_dir=tmpdir)
     env[MAGIC_COOKIE_KEY] = MAGIC_COOKIE_VALUE
     env["PLUGIN_MIN_PORT"] = "10000"
     env["PLUGIN_MAX_PORT"] = "25000"
     env["PLUGIN_PROTOCOL_VERSIONS"] = ",".join(str(v) for v in APP_PROTOCOL_VERSIONS)
-    # AutoMTLS is never used (as in Grafana): a stray certificate would make the plugin demand it.
-    env.pop("PLUGIN_CLIENT_CERT", None)
     return env
+
+
+def confine_environment(env: Mapping[str, str], *, private_dir: str | None) -> dict[str, str]:
+    """The final say over a plugin's environment, applied after every other source.
+
+    Drops what only the host may decide (:data:`HOST_ONLY_VARIABLES` and the SDK's standalone
+    switch ``GF_PLUGIN_GRPC_ADDRESS_<ID>``, whichever way it came in), then points both
+    ``TMPDIR`` (read by go-plugin < 1.5 and the Go runtime) and ``PLUGIN_UNIX_SOCKET_DIR``
+    (read by go-plugin >= 1.5) at the plugin's private directory, so its socket lands there.
+    """
+    confined = {
+        key: value
+        for key, value in env.items()
+        if key not in HOST_ONLY_VARIABLES and not key.startswith(_STANDALONE_PREFIX)
+    }
+    if private_dir is not None:
+        confined["TMPDIR"] = private_dir
+        confined["PLUGIN_UNIX_SOCKET_DIR"] = private_dir
+    return confined
 
 
 def parse_handshake(
@@ -127,7 +153,10 @@ def parse_handshake(
     plugin_id: str,
     offered_versions: tuple[int, ...] = APP_PROTOCOL_VERSIONS,
 ) -> HandshakeInfo:
-    """Parse ``CORE|APP|NETWORK|ADDRESS|PROTOCOL[|CERT[|MUX]]`` as go-plugin's client does."""
+    """Parse ``CORE|APP|NETWORK|ADDRESS|PROTOCOL[|CERT[|MUX]]`` as go-plugin's client does.
+
+    Like go-plugin, fields after the seventh are ignored.
+    """
     text = line.strip()
     parts = text.split("|")
     if len(parts) < 4:
@@ -136,10 +165,6 @@ def parse_handshake(
             line=text,
             why="expected CORE|APP|NETWORK|ADDRESS|PROTOCOL "
             "(a go-plugin binary prints this as its first line on stdout)",
-        )
-    if len(parts) > 7:
-        raise MalformedHandshake(
-            plugin_id, line=text, why=f"{len(parts)} fields, at most 7 allowed"
         )
 
     core = _parse_int(parts[0], plugin_id=plugin_id, line=text, what="core protocol version")
@@ -155,8 +180,8 @@ def parse_handshake(
         offered = ", ".join(str(v) for v in offered_versions)
         raise IncompatibleVersion(
             plugin_id,
-            f"plugin protocol version {app} is not supported (this host speaks {offered}); "
-            "rebuild the plugin with a current grafana-plugin-sdk-go",
+            f"speaks plugin protocol version {app}, which is not supported (this host speaks "
+            f"{offered}); rebuild the plugin with a current grafana-plugin-sdk-go",
         )
 
     try:
@@ -173,19 +198,23 @@ def parse_handshake(
             plugin_id, line=text, why=f"tcp address {address!r} is not host:port"
         )
 
-    protocol = parts[4] if len(parts) > 4 and parts[4] else "netrpc"
+    # go-plugin: no 5th field means the plugin predates gRPC support and speaks netrpc.
+    protocol = parts[4] if len(parts) > 4 else "netrpc"
+    if not protocol:
+        raise UnsupportedProtocol(
+            plugin_id, "the protocol field of the handshake is empty; only 'grpc' is supported"
+        )
     if protocol != "grpc":
         raise UnsupportedProtocol(
             plugin_id,
-            f"plugin speaks {protocol!r}; only 'grpc' is supported (as in Grafana). "
+            f"speaks {protocol!r}; only 'grpc' is supported (as in Grafana). "
             "netrpc plugins predate Grafana's plugin protocol v2",
         )
 
-    cert = parts[5] if len(parts) > 5 and len(parts[5]) > _MIN_CERT_LENGTH else None
-    if cert is not None:
+    if len(parts) > 5 and len(parts[5]) > _MIN_CERT_LENGTH:
         raise UnsupportedProtocol(
             plugin_id,
-            "plugin offered an AutoMTLS certificate, which this host (like Grafana) does not use",
+            "offered an AutoMTLS certificate, which this host (like Grafana) does not use",
         )
     multiplexed = len(parts) > 6 and parts[6] == "true"
     return HandshakeInfo(
@@ -194,20 +223,17 @@ def parse_handshake(
         network=network,
         address=address,
         protocol=protocol,
-        server_cert=cert,
         multiplexed=multiplexed,
     )
 
 
 def _parse_int(field: str, *, plugin_id: str, line: str, what: str) -> int:
-    try:
-        return int(field)
-    except ValueError:
-        raise MalformedHandshake(
-            plugin_id, line=line, why=f"{what} {field!r} is not a number"
-        ) from None
+    # int() would also take "+2", "0_2" and non-ASCII digits; go-plugin's Atoi does not.
+    if not _DIGITS.fullmatch(field):
+        raise MalformedHandshake(plugin_id, line=line, why=f"{what} {field!r} is not a number")
+    return int(field)
 
 
 def _looks_like_host_port(address: str) -> bool:
     host, sep, port = address.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+    return bool(sep and host and _DIGITS.fullmatch(port) and 0 < int(port) < 65536)

@@ -29,10 +29,11 @@ class HostConfig:
     grafana_root_url: str | None = None
     grafana: GrafanaIdentity = field(default_factory=GrafanaIdentity)
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
-    # Per plugin id: a `[plugin.<id>]`-style section, passed on as GF_PLUGIN_<KEY>.
-    plugin_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Per plugin id: a `[plugin.<id>]`-style section, passed on as GF_PLUGIN_<KEY>. Settings
+    # and env often hold secrets (API keys): both are kept out of the repr.
+    plugin_settings: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
     # Per plugin id: extra environment variables, set as they are.
-    plugin_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    plugin_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict, repr=False)
     # Per plugin id: the address of a plugin someone else runs (standalone/debug mode).
     attach: Mapping[str, str] = field(default_factory=dict)
     forward_host_env: bool = True
@@ -47,17 +48,29 @@ class PluginHost:
         self._host_env = dict(os.environ if host_env is None else host_env)
         self.registry = PluginRegistry(options=config.supervisor)
         self.discovery = DiscoveryResult(plugins=(), errors=())
+        self._loaded = False
 
     async def load(self) -> DiscoveryResult:
-        """Discover plugins and register a supervisor for every backend plugin that may run."""
-        keyring = KeyRing.load(self.config.public_key_files)
-        self.discovery = await discover_async(
-            self.config.plugin_dirs,
-            keyring=keyring,
-            allow_unsigned=self.config.allow_unsigned,
-            dev_mode=self.config.dev_mode,
-            grafana_root_url=self.config.grafana_root_url,
-        )
+        """Discover plugins and register a supervisor for every backend plugin that may run.
+
+        Runs once: later calls (``async with`` after an explicit ``load()``) return the
+        first result.
+        """
+        if self._loaded:
+            return self.discovery
+        self._loaded = True
+        try:
+            keyring = KeyRing.load(self.config.public_key_files)
+            self.discovery = await discover_async(
+                self.config.plugin_dirs,
+                keyring=keyring,
+                allow_unsigned=self.config.allow_unsigned,
+                dev_mode=self.config.dev_mode,
+                grafana_root_url=self.config.grafana_root_url,
+            )
+        except BaseException:
+            self._loaded = False  # nothing was registered: a later call may try again
+            raise
         for warning in self.discovery.warnings:
             log.warning("%s", warning)
         for error in self.discovery.errors:
@@ -70,7 +83,9 @@ class PluginHost:
             if target is not None:
                 self.registry.add(target)
         for plugin_id, address in self.config.attach.items():
-            if plugin_id not in self.registry:
+            if plugin_id in self.config.disabled:
+                log.info("plugin %s is disabled in the configuration", plugin_id)
+            elif plugin_id not in self.registry:
                 self.registry.add(PluginTarget(plugin_id=plugin_id, attach_address=address))
         return self.discovery
 

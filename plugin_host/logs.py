@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -26,8 +27,15 @@ _HCLOG_LEVELS: dict[str, int] = {
     "error": logging.ERROR,
 }
 _PREFIX = re.compile(rb"^\s*\[(TRACE|DEBUG|INFO|WARN|ERROR)\]\s?")
-_PANIC_START = (b"panic: ", b"fatal error: ")
+# go-plugin's two, plus the header of the goroutine dump the Go runtime writes on SIGQUIT
+# (the supervisor sends it to a hung plugin before killing it).
+_PANIC_START = (b"panic: ", b"fatal error: ", b"SIGQUIT: ")
 _RESERVED = ("@level", "@message", "@timestamp", "@module", "@caller")
+# hclog writes keys sorted, so "@level" comes first: read it without decoding the line, to
+# skip lines below the logger's level cheaply (a plugin at debug level writes a lot of them).
+_LEVEL_FIELD = re.compile(rb'"@level"\s*:\s*"([A-Za-z]+)"')
+
+log = logging.getLogger(__name__)
 
 
 def plugin_logger(plugin_id: str) -> logging.Logger:
@@ -47,16 +55,38 @@ class PluginLogParser:
         self.plugin_id = plugin_id
         self.logger = logger or plugin_logger(plugin_id)
         self._panicking = False
+        self._warned = False
 
     def feed(self, line: bytes) -> None:
+        """Log one line. Never raises: whatever a plugin writes, its pipes keep being read."""
         line = line.rstrip(b"\r\n")
         if not line.strip():
             return
-        if line.lstrip().startswith(b"{") and self._feed_json(line):
-            return
-        self._feed_plain(line)
+        try:
+            if line.lstrip().startswith(b"{") and self._feed_json(line):
+                return
+            self._feed_plain(line)
+        except Exception as exc:
+            self._unparseable(line, exc)
+
+    def _unparseable(self, line: bytes, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(
+                "plugin %s wrote a line its log parser cannot handle (%s); "
+                "such lines are logged as they are, at DEBUG",
+                self.plugin_id,
+                type(exc).__name__,
+            )
+        with contextlib.suppress(Exception):
+            self._emit(logging.DEBUG, line.decode("utf-8", "replace"), {})
 
     def _feed_json(self, line: bytes) -> bool:
+        quick = _LEVEL_FIELD.search(line)
+        if quick is not None:
+            level = _HCLOG_LEVELS.get(quick.group(1).decode("ascii").lower())
+            if level is not None and not self.logger.isEnabledFor(level):
+                return True
         try:
             entry = json.loads(line)
         except ValueError:
@@ -143,29 +173,51 @@ class TailBuffer:
         return "\n".join(self._lines)
 
 
-async def iter_lines(
-    stream: asyncio.StreamReader, *, max_line: int = MAX_LINE
-) -> AsyncIterator[bytes]:
-    """Yield lines from a pipe until EOF; a line longer than ``max_line`` comes in pieces.
+class LineSplitter:
+    """Cuts a byte stream into lines as it arrives; a line over ``max_line`` comes in pieces."""
 
-    Reads in large blocks so a chatty plugin never waits on a full pipe for long.
-    """
-    pending = bytearray()
-    while True:
-        block = await stream.read(max_line)
-        if not block:
-            break
-        pending += block
+    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+        self._max_line = max_line
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines completed by ``data``, each with its newline."""
+        pending = self._pending
+        pending += data
+        lines: list[bytes] = []
         start = 0
         while True:
             end = pending.find(b"\n", start)
             if end < 0:
                 break
-            yield bytes(pending[start : end + 1])
+            if end + 1 - start > self._max_line:
+                lines.extend(self._pieces(bytes(pending[start : end + 1])))
+            else:
+                lines.append(bytes(pending[start : end + 1]))
             start = end + 1
         del pending[:start]
-        while len(pending) >= max_line:
-            yield bytes(pending[:max_line])
-            del pending[:max_line]
-    if pending:
-        yield bytes(pending)
+        while len(pending) >= self._max_line:
+            lines.append(bytes(pending[: self._max_line]))
+            del pending[: self._max_line]
+        return lines
+
+    def flush(self) -> list[bytes]:
+        """What is left at end of stream (a last line without a newline)."""
+        rest, self._pending = bytes(self._pending), bytearray()
+        return [rest] if rest else []
+
+    def _pieces(self, line: bytes) -> list[bytes]:
+        size = self._max_line
+        return [line[i : i + size] for i in range(0, len(line), size)]
+
+
+async def iter_lines(
+    stream: asyncio.StreamReader, *, max_line: int = MAX_LINE
+) -> AsyncIterator[bytes]:
+    """Yield lines from a stream until EOF, cut as :class:`LineSplitter` does."""
+    splitter = LineSplitter(max_line=max_line)
+    while block := await stream.read(max_line):
+        for line in splitter.feed(block):
+            yield line
+    for line in splitter.flush():
+        yield line

@@ -1,89 +1,265 @@
-"""A plugin process: spawn, handshake, drain its pipes for life, stop it, reap it."""
+"""A plugin process: spawn, handshake, drain its pipes for life, stop it, reap it.
+
+How the child learns to die with the host (see docs/lifecycle.md): with util-linux's
+``setpriv --pdeathsig KILL --`` in front of the plugin's argv when ``setpriv`` is installed
+(it sets the signal and execs the plugin in place, same pid); otherwise with a ``preexec_fn``
+calling ``prctl(PR_SET_PDEATHSIG)``. A ``preexec_fn`` makes Python fork() instead of vfork(),
+which runs gRPC's fork handlers in the child; with a live channel in the host those can abort
+the child before it execs (grpc/grpc#43055), so that fallback also turns gRPC's fork support
+off (``GRPC_ENABLE_FORK_SUPPORT=false``, which only counts if set before gRPC is imported).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+
+import psutil
 
 from plugin_host.errors import (
     HandshakeError,
     HandshakeTimeout,
     PluginExitedBeforeHandshake,
+    PluginLaunchError,
     PluginSpawnError,
 )
-from plugin_host.handshake import HandshakeInfo, Network, parse_handshake
-from plugin_host.logs import PluginLogParser, TailBuffer, iter_lines
+from plugin_host.handshake import HandshakeInfo, confine_environment, parse_handshake
+from plugin_host.logs import LineSplitter, PluginLogParser, TailBuffer
 
 log = logging.getLogger(__name__)
 
+_LINUX = sys.platform.startswith("linux")
 _PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+# Looked up once, here: a forked child must not call dlsym (it may take locks another thread
+# of the host held at fork time).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if _LINUX else None
+
+_SETPRIV = shutil.which("setpriv") if _LINUX else None
+PARENT_DEATH_SIGNAL_VIA = "setpriv" if _SETPRIV else ("preexec_fn" if _LINUX else "none")
+"""How plugins get their parent-death signal here: ``setpriv``, ``preexec_fn`` or ``none``."""
+
+_grpc_fork_support_off = True
+if PARENT_DEATH_SIGNAL_VIA == "preexec_fn":
+    # Only counts if gRPC is not imported yet (or was told already): say so at first spawn.
+    _already_set = "GRPC_ENABLE_FORK_SUPPORT" in os.environ
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    _grpc_fork_support_off = os.environ["GRPC_ENABLE_FORK_SUPPORT"].lower() in (
+        "0",
+        "false",
+        "no",
+    ) and ("grpc" not in sys.modules or _already_set)
+
+# setpriv reports a failed exec on stderr and exits with these (util-linux's EX_EXEC_*).
+_SETPRIV_EXEC_FAILED = (126, 127)
+_SETPRIV_EXEC_MESSAGE = "setpriv: failed to execute "
+
+# Time allowed for a dead plugin's pipes to reach EOF (a process it started may hold them).
+PIPE_DRAIN_TIMEOUT = 2.0
+# Time allowed for the kernel to reap a process after SIGKILL before we stop waiting.
+REAP_TIMEOUT = 10.0
+
+SOCKET_ROOT_PREFIX = "gfbridge-"
+_OWNER_FILE = "owner"
+
+_ELF_MAGIC = b"\x7fELF"
+# ELF machines that a host of the first kind also runs (32-bit builds on 64-bit kernels).
+_ELF_COMPATIBLE = {62: {3}, 183: {40}}
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """Runs in the forked child before exec: SIGKILL it when the host dies, however it dies.
+    """The ``preexec_fn`` fallback: SIGKILL the child when the host dies, however it dies.
 
     The death signal survives exec. If the host died between fork and prctl the signal would
     never come, so the child checks its parent and bows out itself.
     """
 
     def setup() -> None:
-        if _libc is not None:
-            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent_pid:
             os._exit(1)
 
     return setup
 
 
-def make_socket_root() -> Path:
-    """A private directory for plugin sockets, short enough for the 108-byte path limit."""
-    base = "/tmp" if os.path.isdir("/tmp") else None  # noqa: S108 - private 0700 dir below
-    return Path(tempfile.mkdtemp(prefix="gfbridge-", dir=base))
+# -- socket roots ---------------------------------------------------------------------------
+
+
+def make_socket_root(base: Path | None = None) -> Path:
+    """A private (0700) directory for plugin sockets, short enough for the 108-byte limit.
+
+    It holds a file naming its owner (this process), so a later host can remove the roots of
+    hosts that died without cleaning up (:func:`sweep_stale_socket_roots`), which it does here
+    before making its own.
+    """
+    if base is None:
+        base = Path("/tmp") if os.path.isdir("/tmp") else Path(tempfile.gettempdir())  # noqa: S108 - private 0700 dir below
+    sweep_stale_socket_roots(base)
+    root = Path(tempfile.mkdtemp(prefix=SOCKET_ROOT_PREFIX, dir=base))
+    me = psutil.Process()
+    (root / _OWNER_FILE).write_text(f"{me.pid} {me.create_time()!r}\n", encoding="ascii")
+    return root
+
+
+def sweep_stale_socket_roots(base: Path) -> list[Path]:
+    """Remove socket roots under ``base`` whose owning host is gone; return what was removed.
+
+    Only directories of this user whose owner file names a process that no longer exists
+    (pid and start time) are touched; roots without an owner file are left alone.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(SOCKET_ROOT_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        owner = _read_owner(Path(entry.path) / _OWNER_FILE)
+        if owner is None or _owner_alive(*owner):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
+        log.info("removed the socket directory %s of a host that is gone", entry.path)
+    return removed
+
+
+def _read_owner(path: Path) -> tuple[int, float] | None:
+    try:
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        pid, started = path.read_text(encoding="ascii").split()
+        return int(pid), float(started)
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_alive(pid: int, started: float) -> bool:
+    try:
+        # The start time tells the owner from a later process that got the same pid.
+        return abs(psutil.Process(pid).create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+# -- the process ----------------------------------------------------------------------------
+
+
+class _PluginPipes(asyncio.SubprocessProtocol):
+    """Everything the child sends, as it arrives: the handshake line, log lines, EOF, exit.
+
+    Data is handled in the loop's callback, so reading never pauses and a pipe never fills.
+    """
+
+    def __init__(self, plugin_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.exited: asyncio.Future[int] = loop.create_future()
+        self.handshake_line: asyncio.Future[bytes | None] = loop.create_future()
+        self.eof: dict[int, asyncio.Future[None]] = {fd: loop.create_future() for fd in (1, 2)}
+        self.stderr_tail = TailBuffer()
+        self._lines = {1: LineSplitter(), 2: LineSplitter()}
+        self._logs = {1: PluginLogParser(plugin_id), 2: PluginLogParser(plugin_id)}
+        self._transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.SubprocessTransport, transport)
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        splitter = self._lines.get(fd)
+        if splitter is not None:
+            for line in splitter.feed(data):
+                self._line(fd, line)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        splitter = self._lines.get(fd)
+        if splitter is None:
+            return
+        for line in splitter.flush():
+            self._line(fd, line)
+        if fd == 1 and not self.handshake_line.done():
+            self.handshake_line.set_result(None)
+        if not self.eof[fd].done():
+            self.eof[fd].set_result(None)
+
+    def process_exited(self) -> None:
+        assert self._transport is not None
+        code = self._transport.get_returncode()
+        if code is not None and not self.exited.done():
+            self.exited.set_result(code)
+
+    def _line(self, fd: int, line: bytes) -> None:
+        if fd == 1 and not self.handshake_line.done():
+            # The first line on stdout is the handshake; go-plugin discards the rest, we log it.
+            self.handshake_line.set_result(line)
+            return
+        if fd == 2:
+            self.stderr_tail.add(line)
+        self._logs[fd].feed(line)
 
 
 class PluginProcess:
-    """One started plugin binary that has completed the go-plugin handshake."""
+    """One started plugin binary, from spawn to reaped; see :meth:`start`."""
 
     def __init__(
         self,
         *,
         plugin_id: str,
-        proc: asyncio.subprocess.Process,
+        transport: asyncio.SubprocessTransport,
+        pipes: _PluginPipes,
         workdir: Path,
-        handshake: HandshakeInfo,
-        readers: list[asyncio.Task[None]],
-        stderr_tail: TailBuffer,
     ) -> None:
         self.plugin_id = plugin_id
-        self.handshake = handshake
-        self._proc = proc
+        self._transport = transport
+        self._pipes = pipes
         self._workdir = workdir
-        self._readers = readers
-        self._stderr_tail = stderr_tail
-        self._stopped = False
+        self._handshake: HandshakeInfo | None = None
+        self._kill_reason: str | None = None
+        self._finished = False
 
     @property
     def pid(self) -> int:
-        return self._proc.pid
+        return self._transport.get_pid()
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode
+        return self._transport.get_returncode()
+
+    @property
+    def handshake(self) -> HandshakeInfo:
+        if self._handshake is None:
+            raise RuntimeError("the plugin has not completed the handshake")
+        return self._handshake
 
     @property
     def stderr_tail(self) -> str:
-        return self._stderr_tail.text()
+        """The plugin's last lines on stderr (for operators and logs, not for API callers)."""
+        return self._pipes.stderr_tail.text()
+
+    @property
+    def kill_reason(self) -> str | None:
+        """Why the host killed this process, if it did so while it was running."""
+        return self._kill_reason
 
     @classmethod
     async def start(
@@ -99,201 +275,307 @@ class PluginProcess:
     ) -> PluginProcess:
         """Spawn the binary and wait for its handshake.
 
-        ``workdir`` is the plugin's private ``TMPDIR`` (its socket is created there); it is
-        created here and removed when the process is stopped or fails to start.
+        ``workdir`` is the plugin's private ``TMPDIR`` and ``PLUGIN_UNIX_SOCKET_DIR`` (its
+        socket is created there); it is created here if needed and removed when the process
+        is stopped or fails to start. A failed start leaves no process behind.
         """
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - tmpfs, microseconds
-        env = {**env, "TMPDIR": str(workdir)}
         try:
-            proc = await asyncio.create_subprocess_exec(
-                str(executable),
-                *args,
+            process = await cls._spawn(
+                plugin_id, executable, args=args, env=env, workdir=workdir, cwd=cwd
+            )
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        try:
+            process._handshake = await process._await_handshake(
+                executable, start_timeout=start_timeout
+            )
+        except BaseException as exc:
+            if isinstance(exc, PluginLaunchError):
+                exc.stderr_tail = exc.stderr_tail or process.stderr_tail
+            await process.stop(grace=0.0)
+            raise
+        log.debug(
+            "plugin %s started (pid %d) at %s", plugin_id, process.pid, process.handshake.address
+        )
+        return process
+
+    @classmethod
+    async def _spawn(
+        cls,
+        plugin_id: str,
+        executable: Path,
+        *,
+        args: tuple[str, ...],
+        env: Mapping[str, str],
+        workdir: Path,
+        cwd: Path | None,
+    ) -> PluginProcess:
+        _check_executable(plugin_id, executable)
+        loop = asyncio.get_running_loop()
+        pipes = _PluginPipes(plugin_id, loop)
+        argv = [str(executable), *args]
+        preexec: Callable[[], None] | None = None
+        if _SETPRIV is not None:
+            argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+        elif _prctl is not None:
+            _warn_about_fork_support()
+            preexec = _die_with_parent(os.getpid())
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: pipes,
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=env,
+                env=confine_environment(env, private_dir=str(workdir)),
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=preexec,
             )
         except OSError as exc:
-            shutil.rmtree(workdir, ignore_errors=True)
             raise PluginSpawnError(
-                plugin_id, f"cannot execute {executable}: {exc.strerror or exc}"
+                plugin_id, f"cannot execute {executable}: {_strerror(exc)}"
             ) from exc
+        except (ValueError, TypeError) as exc:
+            # subprocess refuses e.g. "=" in a variable name or a NUL byte in a value.
+            raise PluginSpawnError(
+                plugin_id, f"cannot execute {executable}: invalid environment or arguments ({exc})"
+            ) from exc
+        return cls(plugin_id=plugin_id, transport=transport, pipes=pipes, workdir=workdir)
 
-        assert proc.stdout is not None and proc.stderr is not None
-        parser = PluginLogParser(plugin_id)
-        tail = TailBuffer()
-        first_line: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        readers = [
-            asyncio.create_task(
-                _read_stdout(proc.stdout, parser, first_line), name=f"{plugin_id}-stdout"
-            ),
-            asyncio.create_task(
-                _read_stderr(proc.stderr, parser, tail), name=f"{plugin_id}-stderr"
-            ),
-        ]
-        try:
-            handshake = await _await_handshake(
-                plugin_id, proc, first_line, tail, readers, start_timeout=start_timeout
-            )
-        except BaseException:
-            await _kill_and_reap(proc, readers)
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise
-        log.debug("plugin %s started (pid %d) at %s", plugin_id, proc.pid, handshake.address)
-        return cls(
-            plugin_id=plugin_id,
-            proc=proc,
-            workdir=workdir,
-            handshake=handshake,
-            readers=readers,
-            stderr_tail=tail,
+    async def _await_handshake(self, executable: Path, *, start_timeout: float) -> HandshakeInfo:
+        pipes = self._pipes
+        first: set[asyncio.Future[Any]] = {pipes.handshake_line, pipes.exited}
+        done, _ = await asyncio.wait(
+            first,
+            timeout=start_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
         )
+        if not done:
+            raise HandshakeTimeout(self.plugin_id, timeout=start_timeout)
+        if not pipes.handshake_line.done():
+            # It exited; the pipe may still hold what it wrote. A process it started may hold
+            # the pipe open, so do not wait for EOF for long.
+            await asyncio.wait({pipes.handshake_line}, timeout=1.0)
+        line = pipes.handshake_line.result() if pipes.handshake_line.done() else None
+        if line is not None:
+            text = line.decode("utf-8", "backslashreplace")
+            return parse_handshake(text, plugin_id=self.plugin_id)
+        if self.returncode is None:
+            await asyncio.wait({pipes.exited}, timeout=1.0)
+        # Let stderr finish so the tail holds the plugin's last words.
+        await asyncio.wait({pipes.eof[2]}, timeout=1.0)
+        code = self.returncode
+        tail = self.stderr_tail
+        if code is None:
+            raise HandshakeError(
+                self.plugin_id,
+                "closed its stdout without printing the handshake line (it is still running)",
+                stderr_tail=tail,
+            )
+        spawn_error = _setpriv_exec_error(code, tail)
+        if spawn_error is not None:
+            raise PluginSpawnError(
+                self.plugin_id,
+                f"cannot execute {executable}: {spawn_error}",
+                exit_code=code,
+                stderr_tail=tail,
+            )
+        raise PluginExitedBeforeHandshake(self.plugin_id, exit_code=code, stderr_tail=tail)
 
     async def wait(self) -> int:
-        """Wait for the process to exit and return its exit status (negative: signal)."""
-        return await self._proc.wait()
+        """Wait for the process to exit and return its status (negative: killed by a signal).
 
-    def kill(self) -> None:
-        """SIGKILL the plugin and anything it started (it leads its own process group)."""
-        if self._proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            self._proc.kill()
+        Returns as soon as the process is gone, whoever still holds its pipes.
+        """
+        return await asyncio.shield(self._pipes.exited)
 
-    def signal(self, signum: int) -> None:
-        if self._proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signum)
+    def kill(self, reason: str | None = None) -> None:
+        """SIGKILL the plugin and everything in its process group, at once.
+
+        ``reason`` is remembered (see :attr:`kill_reason`) if the process was still running
+        and no earlier reason was given. Safe to call at any time, also after exit: what the
+        plugin started may outlive it and is killed too.
+        """
+        if reason is not None and self._kill_reason is None and self.returncode is None:
+            self._kill_reason = reason
+        self._signal_group(signal.SIGKILL)
+
+    async def quit_then_kill(self, reason: str, *, wait: float = 1.0) -> None:
+        """Send SIGQUIT, allow ``wait`` seconds, then :meth:`kill`.
+
+        For a hung plugin: the Go runtime answers SIGQUIT by writing every goroutine's stack
+        to stderr, which then shows in the plugin's log and ``stderr_tail``.
+        """
+        if self.returncode is None and self._kill_reason is None:
+            self._kill_reason = reason
+        if self.returncode is None and not self._finished:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signal.SIGQUIT)
+            await asyncio.wait({self._pipes.exited}, timeout=wait)
+        self.kill(reason)
 
     async def stop(
         self,
         *,
         grace: float = 2.0,
         request_shutdown: Callable[[], Awaitable[object]] | None = None,
-    ) -> int:
-        """Ask the plugin to shut down, wait ``grace`` seconds, then SIGKILL; always reap.
+    ) -> int | None:
+        """Stop the plugin and release everything it held; return its exit status.
 
-        Idempotent. Removes the plugin's socket and private directory afterwards.
+        With ``request_shutdown`` (go-plugin's ``Shutdown`` call), the plugin gets ``grace``
+        seconds to exit by itself. Then its process group is SIGKILLed (always: a process it
+        started may outlive it), the process is reaped, its pipes are given a moment to reach
+        EOF and closed, and its socket and private directory are removed.
+
+        Idempotent. If cancelled, the plugin is still killed at once and the rest happens as
+        soon as it has exited. Returns None only if the process has not gone away
+        ``REAP_TIMEOUT`` seconds after SIGKILL (stuck in the kernel).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        if self._proc.returncode is None and request_shutdown is not None:
-            # go-plugin 1.0.x answers UNAVAILABLE because it stops before replying: any outcome
-            # of the call is fine, what counts is whether the process exits.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(request_shutdown(), timeout=max(0.05, grace))
-        if self._proc.returncode is None:
-            try:
-                await asyncio.wait_for(self._proc.wait(), timeout=max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                log.warning(
-                    "plugin %s (pid %d) did not exit within %.1fs of shutdown; killing it",
-                    self.plugin_id,
-                    self._proc.pid,
-                    grace,
-                )
-                self.kill()
-        await _kill_and_reap(self._proc, self._readers)
-        if not self._stopped:
-            self._stopped = True
-            self._cleanup()
-        assert self._proc.returncode is not None
-        return self._proc.returncode
+        try:
+            if self.returncode is None and request_shutdown is not None and not self._finished:
+                # go-plugin 1.0.x answers UNAVAILABLE because it stops before replying: any
+                # outcome of the call is fine, what counts is whether the process exits.
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(request_shutdown(), timeout=max(0.05, grace))
+                remaining = max(0.0, deadline - loop.time())
+                await asyncio.wait({self._pipes.exited}, timeout=remaining)
+                if self.returncode is None:
+                    log.warning(
+                        "plugin %s (pid %d) did not exit within %gs of the shutdown request; "
+                        "killing it",
+                        self.plugin_id,
+                        self.pid,
+                        grace,
+                    )
+            self._signal_group(signal.SIGKILL)
+            await self._reap()
+        finally:
+            if self.returncode is None:
+                self._signal_group(signal.SIGKILL)
+                self._pipes.exited.add_done_callback(lambda _: self._finish())
+            else:
+                self._finish()
+        return self.returncode
 
-    def _cleanup(self) -> None:
-        if self.handshake.network is Network.UNIX:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.handshake.address)
+    async def _reap(self) -> None:
+        pipes = self._pipes
+        if self.returncode is None:
+            await asyncio.wait({pipes.exited}, timeout=REAP_TIMEOUT)
+            if self.returncode is None:
+                log.error(
+                    "plugin %s (pid %d) has not exited %gs after SIGKILL; giving up waiting",
+                    self.plugin_id,
+                    self.pid,
+                    REAP_TIMEOUT,
+                )
+                return
+        _, open_pipes = await asyncio.wait(pipes.eof.values(), timeout=PIPE_DRAIN_TIMEOUT)
+        if open_pipes:
+            log.debug(
+                "plugin %s: a process that escaped its process group still holds its output "
+                "pipes; closing them",
+                self.plugin_id,
+            )
+
+    def _signal_group(self, signum: int) -> None:
+        # Once the transport is closed the pid may belong to someone else.
+        if self._finished:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+
+    def _finish(self) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._transport.close()
+        # The socket lives in the private directory (TMPDIR and PLUGIN_UNIX_SOCKET_DIR point
+        # there), so removing the directory removes it. A path the plugin announced elsewhere
+        # is not ours to delete.
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-async def _await_handshake(
-    plugin_id: str,
-    proc: asyncio.subprocess.Process,
-    first_line: asyncio.Future[bytes | None],
-    tail: TailBuffer,
-    readers: list[asyncio.Task[None]],
-    *,
-    start_timeout: float,
-) -> HandshakeInfo:
-    exited: asyncio.Future[Any] = asyncio.ensure_future(proc.wait())
-    waiting: set[asyncio.Future[Any]] = {first_line, exited}
+def _warn_about_fork_support() -> None:
+    global _grpc_fork_support_off  # noqa: PLW0603 - warn once per process
+    if _grpc_fork_support_off:
+        return
+    _grpc_fork_support_off = True
+    log.warning(
+        "setpriv is not installed and gRPC was imported before plugin_host with fork support "
+        "on: set GRPC_ENABLE_FORK_SUPPORT=false in the environment, or plugin processes may "
+        "abort while starting (grpc/grpc#43055)"
+    )
+
+
+def _check_executable(plugin_id: str, executable: Path) -> None:
+    """Fail as exec would, before spawning, so errors read the same with or without setpriv.
+
+    (setpriv runs the plugin with execvp, which would hand a binary for another machine to
+    /bin/sh instead of failing with ENOEXEC.)
+    """
+    if os.sep not in str(executable):
+        return  # looked up in PATH by exec; let it report
     try:
-        done, _ = await asyncio.wait(
-            waiting, timeout=start_timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not done:
-            raise HandshakeTimeout(plugin_id, timeout=start_timeout)
-        if not first_line.done():
-            # The process is gone; give the pipe a moment to hand over what it already holds.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(first_line), timeout=1.0)
-        line = first_line.result() if first_line.done() else None
-        if line is None:
-            if proc.returncode is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(proc.wait(), timeout=1.0)
-            # Let the stderr reader finish so the tail holds the plugin's last words.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(readers[1]), timeout=1.0)
-            raise PluginExitedBeforeHandshake(
-                plugin_id, exit_code=proc.returncode, stderr_tail=tail.text()
-            )
+        info = executable.stat()
+        if stat.S_ISDIR(info.st_mode) or not os.access(executable, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise PluginSpawnError(plugin_id, f"cannot execute {executable}: {_strerror(exc)}") from exc
+    try:
+        with executable.open("rb") as file:
+            head = file.read(20)
+    except OSError:
+        return  # execute-only binaries exist; exec will tell
+    if not head.startswith((b"#!", _ELF_MAGIC)) or _foreign_elf(head):
+        error = OSError(errno.ENOEXEC, os.strerror(errno.ENOEXEC))
+        raise PluginSpawnError(plugin_id, f"cannot execute {executable}: {_strerror(error)}")
+
+
+def _foreign_elf(head: bytes) -> bool:
+    """True for an ELF header whose machine this host cannot run."""
+    machine = _elf_machine(head)
+    mine = _own_elf_machine()
+    if machine is None or mine is None:
+        return False
+    return machine != mine and machine not in _ELF_COMPATIBLE.get(mine, set())
+
+
+def _elf_machine(head: bytes) -> int | None:
+    if not head.startswith(_ELF_MAGIC) or len(head) < 20:
+        return None
+    return int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+
+
+_own_machine: list[int | None] = []
+
+
+def _own_elf_machine() -> int | None:
+    if not _own_machine:
         try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError:
-            text = line.decode("utf-8", "backslashreplace")
-        return parse_handshake(text, plugin_id=plugin_id)
-    except HandshakeError:
-        raise
-    finally:
-        exited.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await exited
+            with open(os.path.realpath(sys.executable), "rb") as file:
+                _own_machine.append(_elf_machine(file.read(20)))
+        except OSError:
+            _own_machine.append(None)
+    return _own_machine[0]
 
 
-async def _read_stdout(
-    stream: asyncio.StreamReader, parser: PluginLogParser, first_line: asyncio.Future[bytes | None]
-) -> None:
-    """The first line is the handshake; everything after it is logged (go-plugin drops it)."""
-    try:
-        async for line in iter_lines(stream):
-            if not first_line.done():
-                first_line.set_result(line)
-                continue
-            parser.feed(line)
-    finally:
-        if not first_line.done():
-            first_line.set_result(None)
+def _strerror(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.errno == errno.ENOEXEC:
+        text += " (not a program for this system: built for another OS or architecture?)"
+    return text
 
 
-async def _read_stderr(
-    stream: asyncio.StreamReader, parser: PluginLogParser, tail: TailBuffer
-) -> None:
-    async for line in iter_lines(stream):
-        tail.add(line)
-        parser.feed(line)
-
-
-async def _kill_and_reap(
-    proc: asyncio.subprocess.Process, readers: list[asyncio.Task[None]]
-) -> None:
-    if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-    await proc.wait()
-    # Pipes reach EOF once every writer is gone; a grandchild that kept them open must not
-    # keep us waiting forever.
-    _, pending = await asyncio.wait(readers, timeout=2.0)
-    for task in pending:
-        task.cancel()
-    for task in readers:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+def _setpriv_exec_error(code: int, tail: str) -> str | None:
+    """setpriv's own complaint when it could not exec the plugin, as an strerror text."""
+    if _SETPRIV is None or code not in _SETPRIV_EXEC_FAILED:
+        return None
+    for line in reversed(tail.splitlines()):
+        if line.startswith(_SETPRIV_EXEC_MESSAGE):
+            return line.rpartition(": ")[2]
+    return None

@@ -24,16 +24,34 @@ log = logging.getLogger(__name__)
 
 
 class PluginRegistry:
-    """Owns every plugin supervisor; the only way the rest of the program reaches a plugin."""
+    """Owns every plugin supervisor; the only way the rest of the program reaches a plugin.
+
+    Without a ``socket_root`` the registry makes its own private directory for plugin
+    sockets when a plugin first starts (clearing away those of hosts that died), and
+    removes it in :meth:`stop`.
+    """
 
     def __init__(
         self, *, options: SupervisorOptions | None = None, socket_root: Path | None = None
     ) -> None:
         self.options = options or SupervisorOptions()
         self._own_socket_root = socket_root is None
-        self._socket_root = socket_root or make_socket_root()
+        self._socket_root = socket_root
         self._supervisors: dict[str, PluginSupervisor] = {}
         self._listeners: list[StatusListener] = []
+
+    @property
+    def socket_root(self) -> Path | None:
+        """Where plugin sockets live (None until a plugin of a self-managed root starts)."""
+        return self._socket_root
+
+    def _ensure_socket_root(self) -> Path:
+        root = self._socket_root
+        if root is None:
+            root = self._socket_root = make_socket_root()
+        elif not root.is_dir():
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return root
 
     def add(
         self, target: PluginTarget, *, options: SupervisorOptions | None = None
@@ -41,7 +59,7 @@ class PluginRegistry:
         if target.plugin_id in self._supervisors:
             raise ValueError(f"plugin {target.plugin_id} is already registered")
         supervisor = PluginSupervisor(
-            target, options=options or self.options, socket_root=self._socket_root
+            target, options=options or self.options, socket_root=self._ensure_socket_root
         )
         for listener in self._listeners:
             supervisor.add_listener(listener)
@@ -85,21 +103,22 @@ class PluginRegistry:
             for p in (plugin_ids if plugin_ids is not None else self.plugin_ids())
         ]
         for supervisor in chosen:
-            supervisor.start()
+            await supervisor.start()
         if wait is None:
             return [s.status for s in chosen]
         return list(await asyncio.gather(*(s.wait_settled(wait) for s in chosen)))
 
     async def stop(self) -> None:
         """Stop every plugin in parallel; nothing is left running afterwards."""
-        results = await asyncio.gather(
-            *(s.stop() for s in self._supervisors.values()), return_exceptions=True
-        )
-        for supervisor, result in zip(self._supervisors.values(), results, strict=True):
+        supervisors = list(self._supervisors.values())
+        results = await asyncio.gather(*(s.stop() for s in supervisors), return_exceptions=True)
+        for supervisor, result in zip(supervisors, results, strict=True):
             if isinstance(result, BaseException):
                 log.error("stopping plugin %s failed: %r", supervisor.plugin_id, result)
-        if self._own_socket_root:
+        if self._own_socket_root and self._socket_root is not None:
             shutil.rmtree(self._socket_root, ignore_errors=True)
+            # A later start makes a fresh private root rather than reuse a removed path.
+            self._socket_root = None
 
     async def remove(self, plugin_id: str) -> None:
         supervisor = self._supervisors.pop(plugin_id, None)

@@ -1,4 +1,5 @@
-"""A tiny host process for tests: start the given plugins, print their pids, wait forever."""
+"""A tiny host process for tests: start the given plugins, print their pids and socket root
+(one JSON line), then wait forever."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ async def main(executables: list[str]) -> None:
     for i, exe in enumerate(executables):
         registry.add(PluginTarget(plugin_id=f"p{i}", executable=Path(exe), env=plugin_env()))
     statuses = await registry.start(wait=60)
-    print(json.dumps([s.pid for s in statuses]), flush=True)
+    report = {"pids": [s.pid for s in statuses], "socket_root": str(registry.socket_root)}
+    print(json.dumps(report), flush=True)
     await asyncio.Event().wait()
 
 

@@ -303,3 +303,47 @@ async def test_dead_plugin_is_unavailable(short_tmp: Path) -> None:
         await client.check_health(pb.CheckHealthRequest(pluginContext=ctx()), timeout=2)
     await process.stop(grace=0.1)
     await client.close()
+
+
+async def test_closing_the_channel_under_a_call_is_plugin_unavailable(short_tmp: Path) -> None:
+    process, client = await launch(short_tmp / "p", "hang")
+    try:
+        unary = asyncio.create_task(
+            client.query_data(pb.QueryDataRequest(pluginContext=ctx(), queries=[query("A", {})]))
+        )
+
+        async def stream() -> list[pb.CallResourceResponse]:
+            request = pb.CallResourceRequest(pluginContext=ctx(), path="echo")
+            return [m async for m in client.call_resource(request)]
+
+        streaming = asyncio.create_task(stream())
+        await asyncio.sleep(0.3)
+        await client.close()  # what the supervisor does when the plugin goes away
+        # The callers' own tasks were not cancelled: they must not see CancelledError.
+        for task in (unary, streaming):
+            with pytest.raises(PluginUnavailable, match="connection to the plugin is closed"):
+                await task
+            assert not task.cancelled()
+        # Calls on the closed channel: a plugin error, not grpc's UsageError.
+        with pytest.raises(PluginUnavailable, match="connection to the plugin is closed"):
+            await client.check_health(pb.CheckHealthRequest(pluginContext=ctx()))
+        with pytest.raises(PluginUnavailable):
+            await client.served_services()
+    finally:
+        await process.stop(grace=0.5)
+
+
+async def test_cancelling_the_caller_still_cancels(short_tmp: Path) -> None:
+    process, client = await launch(short_tmp / "p", "hang")
+    try:
+        call = asyncio.create_task(
+            client.query_data(pb.QueryDataRequest(pluginContext=ctx(), queries=[query("A", {})]))
+        )
+        await asyncio.sleep(0.3)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert call.cancelled()
+    finally:
+        await process.stop(grace=0.5)
+        await client.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -137,3 +138,23 @@ async def test_hundred_start_stop_cycles_leak_nothing(
     assert [c for c in psutil.Process().children(recursive=True) if c.is_running()] == []
     # grpc keeps a few fds of its own (epoll, wakeup pipes); allow a small constant, not growth.
     assert open_fds() <= baseline_fds + 8
+
+
+async def test_a_hung_go_plugin_is_asked_for_its_goroutines_before_sigkill(
+    short_tmp: Path, go_fixture_binary: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    process = await PluginProcess.start(
+        plugin_id=GO_FIXTURE_ID,
+        executable=go_fixture_binary,
+        env=plugin_env(),
+        workdir=short_tmp / "w",
+    )
+    await process.quit_then_kill("failed 3 health checks in a row", wait=5.0)
+    # The Go runtime answers SIGQUIT with a stack dump and exit status 2, before any SIGKILL.
+    assert await process.wait() == 2
+    assert process.kill_reason == "failed 3 health checks in a row"
+    await process.stop(grace=0.0)
+    # The dump is in the plugin's log, at ERROR (the tail only keeps its last lines).
+    dump = [r for r in caplog.records if r.name == f"plugin.{GO_FIXTURE_ID}"]
+    assert any(r.levelno == logging.ERROR and r.getMessage() == "SIGQUIT: quit" for r in dump)
+    assert any(r.getMessage().startswith("goroutine 1 [") for r in dump)

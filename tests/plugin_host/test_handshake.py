@@ -15,6 +15,7 @@ from plugin_host.handshake import (
     HandshakeInfo,
     Network,
     build_environment,
+    confine_environment,
     parse_handshake,
 )
 
@@ -27,6 +28,8 @@ GOOD = [
     ("1|2|unix|/tmp/p|grpc||true", Network.UNIX, "/tmp/p", "unix:/tmp/p", True),
     # Surrounding whitespace and CRLF are ignored.
     ("  1|2|unix|/tmp/p|grpc|\r\n", Network.UNIX, "/tmp/p", "unix:/tmp/p", False),
+    # Like go-plugin, fields after the seventh are ignored.
+    ("1|2|unix|/tmp/p|grpc||true|x", Network.UNIX, "/tmp/p", "unix:/tmp/p", True),
 ]
 
 
@@ -53,16 +56,21 @@ BAD: list[tuple[str, type[HandshakeError], str]] = [
     ("x|2|unix|/tmp/p|grpc|", MalformedHandshake, "core protocol version 'x' is not a number"),
     ("1|two|unix|/tmp/p|grpc|", MalformedHandshake, "plugin protocol version 'two'"),
     ("2|2|unix|/tmp/p|grpc|", IncompatibleVersion, "core protocol version 2"),
-    ("1|1|unix|/tmp/p|grpc|", IncompatibleVersion, "plugin protocol version 1 is not supported"),
+    ("1|1|unix|/tmp/p|grpc|", IncompatibleVersion, "plugin protocol version 1, which is not"),
     ("1|3|unix|/tmp/p|grpc|", IncompatibleVersion, "this host speaks 2"),
     ("1|2|unix|/tmp/p", UnsupportedProtocol, "'netrpc'"),
+    ("1|2|unix|/tmp/p|", UnsupportedProtocol, "the protocol field of the handshake is empty"),
+    # go-plugin's Atoi reads ASCII digits only; Python's int() would take all of these.
+    ("+1|2|unix|/tmp/p|grpc|", MalformedHandshake, "core protocol version '+1' is not a number"),
+    ("1|0_2|unix|/tmp/p|grpc|", MalformedHandshake, "'0_2' is not a number"),
+    ("1|\uff12|unix|/tmp/p|grpc|", MalformedHandshake, "'\uff12' is not a number"),
+    ("1|2|tcp|127.0.0.1:+80|grpc|", MalformedHandshake, "not host:port"),
     ("1|2|unix|/tmp/p|netrpc|", UnsupportedProtocol, "only 'grpc' is supported"),
     ("1|2|pipe|/tmp/p|grpc|", UnsupportedProtocol, "network 'pipe'"),
     ("1|2|unix||grpc|", MalformedHandshake, "address field is empty"),
     ("1|2|tcp|localhost|grpc|", MalformedHandshake, "not host:port"),
     ("1|2|tcp|127.0.0.1:99999|grpc|", MalformedHandshake, "not host:port"),
     ("1|2|unix|/tmp/p|grpc|" + "A" * 80, UnsupportedProtocol, "AutoMTLS"),
-    ("1|2|unix|/tmp/p|grpc||true|x", MalformedHandshake, "8 fields"),
 ]
 
 
@@ -75,6 +83,7 @@ def test_parse_rejects_with_a_precise_reason(
     assert fragment in str(info.value)
     assert info.value.plugin_id == "acme-x-datasource"
     assert str(info.value).startswith("plugin acme-x-datasource: ")
+    assert not str(info.value).startswith("plugin acme-x-datasource: plugin ")
 
 
 def test_long_garbage_is_quoted_but_shortened() -> None:
@@ -117,6 +126,44 @@ def test_environment_order_and_go_plugin_variables() -> None:
     assert env["PATH"] == "/usr/bin"
     assert env["EXTRA"] == "1"
     assert env["TMPDIR"] == "/tmp/private"
+
+
+# Every way a variable only the host may set could come in: from the host's environment,
+# from `[plugin.<id>]` settings, or as extra variables.
+HOST_ONLY = [
+    ("host_env", "PLUGIN_UNIX_SOCKET_DIR", "/somewhere/else"),
+    ("host_env", "PLUGIN_MULTIPLEX_GRPC", "true"),
+    ("host_env", "PLUGIN_UNIX_SOCKET_GROUP", "staff"),
+    ("host_env", "PLUGIN_CLIENT_CERT", "stray"),
+    ("host_env", "GF_PLUGIN_GRPC_ADDRESS_ACME", "127.0.0.1:1"),
+    ("settings", "grpc_address_acme", "127.0.0.1:1"),
+    ("extra_env", "GF_PLUGIN_GRPC_ADDRESS_ACME_X", "127.0.0.1:1"),
+    ("extra_env", "PLUGIN_MULTIPLEX_GRPC", "true"),
+    ("extra_env", "PLUGIN_UNIX_SOCKET_DIR", "/somewhere/else"),
+    ("extra_env", "PLUGIN_CLIENT_CERT", "stray"),
+]
+
+
+@pytest.mark.parametrize(("source", "name", "value"), HOST_ONLY)
+def test_host_only_variables_are_dropped(source: str, name: str, value: str) -> None:
+    env = build_environment(
+        host_env={name: value} if source == "host_env" else {},
+        grafana=GrafanaIdentity(),
+        plugin_settings={name: value} if source == "settings" else None,
+        extra_env={name: value} if source == "extra_env" else None,
+    )
+    assert value not in env.values()
+    assert "PLUGIN_UNIX_SOCKET_DIR" not in env  # set per start, to the private directory
+
+
+def test_private_directory_is_both_tmpdir_and_socket_dir() -> None:
+    env = build_environment(
+        host_env={"TMPDIR": "/var/tmp", "PLUGIN_UNIX_SOCKET_DIR": "/elsewhere"},
+        grafana=GrafanaIdentity(),
+        tmpdir="/tmp/private",
+    )
+    assert env["TMPDIR"] == env["PLUGIN_UNIX_SOCKET_DIR"] == "/tmp/private"
+    assert confine_environment({"A": "1"}, private_dir=None) == {"A": "1"}
 
 
 def test_environment_without_host_env_keeps_only_proxies() -> None:

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from plugin_host.logs import TRACE, PluginLogParser, TailBuffer, iter_lines
+from plugin_host.logs import TRACE, LineSplitter, PluginLogParser, TailBuffer, iter_lines
 
 
 class Capture(logging.Handler):
@@ -141,3 +141,50 @@ async def test_iter_lines_splits_and_caps_long_lines() -> None:
     reader.feed_eof()
     lines = [line async for line in iter_lines(reader, max_line=10)]
     assert lines == [b"one\n", b"two\n", b"x" * 10, b"x" * 10, b"xxxxx\n", b"last"]
+
+
+def test_a_line_that_breaks_the_parser_is_logged_raw_and_warned_about_once(
+    capture: tuple[PluginLogParser, Capture], caplog: pytest.LogCaptureFixture
+) -> None:
+    parser, handler = capture
+    nested = b'{"@level":"info","@message":"x","k":' + b'{"a":' * 5000 + b"1" + b"}" * 5001
+    parser.feed(nested + b"\n")
+    parser.feed(nested + b"\n")
+    parser.feed(b"[INFO] still parsing")
+    assert [(r.levelno, r.getMessage()[:20]) for r in handler.records] == [
+        (logging.DEBUG, nested.decode()[:20]),
+        (logging.DEBUG, nested.decode()[:20]),
+        (logging.INFO, "still parsing"),
+    ]
+    warnings = [r for r in caplog.records if r.name == "plugin_host.logs"]
+    assert len(warnings) == 1 and "RecursionError" in warnings[0].getMessage()
+
+
+def test_go_stack_dump_after_sigquit_is_logged_as_errors(
+    capture: tuple[PluginLogParser, Capture],
+) -> None:
+    parser, handler = capture
+    for line in (b"SIGQUIT: quit", b"PC=0x46b0e1 m=0 sigcode=0", b"goroutine 1 [select]:"):
+        parser.feed(line)
+    assert [r.levelno for r in handler.records] == [logging.ERROR] * 3
+
+
+SPLITS = [
+    # (chunks as they arrive, max_line, lines out, left at EOF)
+    ([b"a\nb", b"c\n"], 10, [b"a\n", b"bc\n"], []),
+    ([b"no newline"], 64, [], [b"no newline"]),
+    ([b"x" * 25 + b"\ny"], 10, [b"x" * 10, b"x" * 10, b"xxxxx\n"], [b"y"]),
+    ([b"x" * 7, b"x" * 7], 10, [b"x" * 10], [b"x" * 4]),
+    ([b"", b"\n\n"], 10, [b"\n", b"\n"], []),
+]
+
+
+@pytest.mark.parametrize(("chunks", "max_line", "lines", "rest"), SPLITS)
+def test_line_splitter(
+    chunks: list[bytes], max_line: int, lines: list[bytes], rest: list[bytes]
+) -> None:
+    splitter = LineSplitter(max_line=max_line)
+    out = [line for chunk in chunks for line in splitter.feed(chunk)]
+    assert out == lines
+    assert splitter.flush() == rest
+    assert splitter.flush() == []

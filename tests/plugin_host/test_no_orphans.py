@@ -1,9 +1,11 @@
-"""Killing the host with SIGKILL leaves no plugin process behind."""
+"""Killing the host with SIGKILL leaves no plugin process behind, and the next host clears
+away the socket directory it left."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import psutil
 
+from plugin_host.process import make_socket_root
 from tests.helpers import PY_FIXTURE, ROOT
 
 
@@ -30,8 +33,10 @@ def test_sigkill_of_the_host_takes_its_plugins_along(go_fixture_binary: Path) ->
     )
     try:
         assert host.stdout is not None
-        pids = json.loads(host.stdout.readline())
+        report = json.loads(host.stdout.readline())
+        pids, socket_root = report["pids"], Path(report["socket_root"])
         assert len(pids) == 2 and all(isinstance(p, int) for p in pids)
+        assert socket_root.is_dir()
         assert all(psutil.pid_exists(p) for p in pids)
         os.kill(host.pid, signal.SIGKILL)
         host.wait(timeout=10)
@@ -39,6 +44,11 @@ def test_sigkill_of_the_host_takes_its_plugins_along(go_fixture_binary: Path) ->
         while time.monotonic() < deadline and any(_alive(p) for p in pids):
             time.sleep(0.05)
         assert [p for p in pids if _alive(p)] == []
+        # The dead host could not remove its socket directory; the next one does.
+        assert socket_root.is_dir()
+        root = make_socket_root()
+        shutil.rmtree(root)
+        assert not socket_root.exists()
     finally:
         if host.poll() is None:
             host.kill()

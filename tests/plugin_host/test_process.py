@@ -19,6 +19,7 @@ from plugin_host.errors import (
     PluginExitedBeforeHandshake,
     PluginSpawnError,
     UnsupportedProtocol,
+    describe_exit,
 )
 from plugin_host.handshake import Network
 from plugin_host.process import PluginProcess
@@ -59,9 +60,9 @@ async def test_start_handshake_and_clean_stop(short_tmp: Path) -> None:
 
 BAD_HANDSHAKES: list[tuple[str, type[HandshakeError], list[str]]] = [
     ("garbage_stdout", MalformedHandshake, ["'hello from a broken plugin'"]),
-    ("wrong_version", IncompatibleVersion, ["plugin protocol version 1 is not supported"]),
+    ("wrong_version", IncompatibleVersion, ["plugin protocol version 1, which is not supported"]),
     ("netrpc", UnsupportedProtocol, ["'netrpc'"]),
-    ("exit_before_handshake", PluginExitedBeforeHandshake, ["exit code 2", "panic: "]),
+    ("exit_before_handshake", PluginExitedBeforeHandshake, ["exited with status 2"]),
 ]
 
 
@@ -73,6 +74,8 @@ async def test_bad_handshakes_fail_precisely_and_leave_nothing(
         await start(short_tmp, behaviour)
     for fragment in fragments:
         assert fragment in str(info.value)
+    assert f"{PY_FIXTURE_ID}: plugin " not in str(info.value)
+    assert "\n" not in str(info.value)
     assert not (short_tmp / "p").exists()
     assert zombies() == []
     assert [c for c in psutil.Process().children(recursive=True) if c.is_running()] == []
@@ -83,6 +86,7 @@ async def test_exit_before_handshake_carries_exit_code_and_stderr(short_tmp: Pat
         await start(short_tmp, "exit_before_handshake")
     assert info.value.exit_code == 2
     assert "panic: " in info.value.stderr_tail
+    assert "panic" not in str(info.value)  # the plugin's output is for operators, not callers
 
 
 async def test_never_handshaking_plugin_times_out_and_is_killed(short_tmp: Path) -> None:
@@ -92,6 +96,7 @@ async def test_never_handshaking_plugin_times_out_and_is_killed(short_tmp: Path)
         await start(short_tmp, "never_handshake", start_timeout=1.5)
     assert 1.4 < loop.time() - began < 6.0
     assert "within 1.5s" in str(info.value)
+    assert "never handshaking" in info.value.stderr_tail
     assert [c for c in psutil.Process().children(recursive=True) if c.is_running()] == []
 
 
@@ -119,6 +124,11 @@ async def test_missing_and_non_executable_binaries(short_tmp: Path) -> None:
     script.chmod(stat.S_IRUSR | stat.S_IWUSR)
     with pytest.raises(PluginSpawnError, match="Permission denied"):
         await PluginProcess.start(plugin_id="x", executable=script, env={}, workdir=short_tmp / "w")
+    # A bare name is looked up in PATH when the plugin is executed.
+    with pytest.raises(PluginSpawnError, match=r"cannot execute no-such-plugin.*No such file"):
+        await PluginProcess.start(
+            plugin_id="x", executable=Path("no-such-plugin"), env={}, workdir=short_tmp / "w"
+        )
     assert not (short_tmp / "w").exists()
 
 
@@ -167,3 +177,17 @@ async def test_stop_is_idempotent_and_reaps(short_tmp: Path) -> None:
     assert await process.stop(grace=0.5) == -9
     assert await process.stop(grace=0.5) == -9
     assert zombies() == []
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        (0, "exited with status 0"),
+        (3, "exited with status 3"),
+        (-9, "was killed by SIGKILL"),
+        (-3, "was killed by SIGQUIT"),
+        (-99, "was killed by signal 99"),
+    ],
+)
+def test_exit_statuses_in_words(code: int, words: str) -> None:
+    assert describe_exit(code) == words

@@ -7,7 +7,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -16,34 +16,10 @@ import pytest
 from plugin_host.errors import PluginError, PluginNotFound, PluginUnavailable
 from plugin_host.process import PluginProcess
 from plugin_host.registry import PluginRegistry
-from plugin_host.supervisor import (
-    PluginState,
-    PluginStatus,
-    PluginTarget,
-    RestartPolicy,
-    SupervisorOptions,
-)
+from plugin_host.supervisor import PluginState, PluginTarget
 from protos.pluginv2 import backend_pb2 as pb
 from tests.helpers import PY_FIXTURE, PY_FIXTURE_ID, plugin_env, zombies
-
-FAST_RESTARTS = RestartPolicy(
-    initial_backoff=0.2,
-    max_backoff=1.0,
-    multiplier=2.0,
-    jitter=0.1,
-    crash_loop_threshold=3,
-    stable_after=60.0,
-)
-OPTIONS = SupervisorOptions(
-    start_timeout=20.0,
-    stop_grace=3.0,
-    call_timeout=5.0,
-    health_interval=0.3,
-    health_timeout=0.5,
-    health_failures=2,
-    stats_interval=0.2,
-    restart=FAST_RESTARTS,
-)
+from tests.plugin_host.supervision import OPTIONS, health_request, wait_for
 
 
 @pytest.fixture
@@ -56,25 +32,6 @@ async def registry(short_tmp: Path) -> AsyncIterator[PluginRegistry]:
         await reg.stop()
         assert zombies() == []
         assert list((short_tmp / "sockets").iterdir()) == []
-
-
-async def wait_for(
-    registry: PluginRegistry,
-    plugin_id: str,
-    predicate: Callable[[PluginStatus], bool],
-    timeout: float = 20.0,
-) -> PluginStatus:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = registry.status(plugin_id)
-        if predicate(status):
-            return status
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not reached; last status: {registry.status(plugin_id)}")
-
-
-def health_request() -> pb.CheckHealthRequest:
-    return pb.CheckHealthRequest(pluginContext=pb.PluginContext(orgId=1, pluginId=PY_FIXTURE_ID))
 
 
 async def test_start_call_and_stop(registry: PluginRegistry) -> None:
@@ -104,11 +61,13 @@ async def test_unknown_plugin_and_not_started(registry: PluginRegistry) -> None:
     with pytest.raises(PluginNotFound):
         registry.client("nope")
     registry.add(PluginTarget(plugin_id=PY_FIXTURE_ID, executable=PY_FIXTURE, env=plugin_env()))
-    with pytest.raises(PluginUnavailable, match="is not running"):
+    with pytest.raises(PluginUnavailable, match="not running"):
         registry.client(PY_FIXTURE_ID)
 
 
-async def test_crash_restarts_and_recovers(registry: PluginRegistry) -> None:
+async def test_crash_restarts_and_recovers(
+    registry: PluginRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
     registry.add(
         PluginTarget(
             plugin_id=PY_FIXTURE_ID, executable=PY_FIXTURE, env=plugin_env("crash_after=1")
@@ -121,6 +80,8 @@ async def test_crash_restarts_and_recovers(registry: PluginRegistry) -> None:
         await registry.client(PY_FIXTURE_ID).check_health(health_request())
     down = await wait_for(registry, PY_FIXTURE_ID, lambda s: s.state is not PluginState.RUNNING)
     assert down.last_exit_code in (3, None)
+    # Nothing of the dead run is left in the status.
+    assert (down.pid, down.address, down.services, down.started_at) == (None, None, None, None)
     # While down, calls fail at once instead of hanging.
     began = time.monotonic()
     with pytest.raises(PluginUnavailable):
@@ -134,6 +95,8 @@ async def test_crash_restarts_and_recovers(registry: PluginRegistry) -> None:
     assert first_pid is not None and not psutil.pid_exists(first_pid)
     response = await registry.client(PY_FIXTURE_ID).check_health(health_request())
     assert response.status == pb.CheckHealthResponse.OK
+    # Releasing a process that already died is quiet: no shutdown was asked for.
+    assert not [r for r in caplog.records if "did not exit within" in r.getMessage()]
 
 
 async def test_crash_loop_is_visible_and_recovers(
@@ -151,7 +114,8 @@ async def test_crash_loop_is_visible_and_recovers(
     looping = await wait_for(registry, PY_FIXTURE_ID, lambda s: s.state is PluginState.CRASH_LOOP)
     assert looping.consecutive_failures >= 3
     assert looping.last_exit_code == 7
-    assert looping.last_error is not None and "panic: not yet" in looping.last_error
+    assert looping.last_error == "process exited with status 7 before the handshake"
+    assert looping.last_output is not None and "panic: not yet" in looping.last_output
     with pytest.raises(PluginUnavailable, match="crash-looping") as info:
         registry.client(PY_FIXTURE_ID)
     assert info.value.retry_after is not None and info.value.retry_after >= 1.0
