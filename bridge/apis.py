@@ -258,3 +258,20 @@ def path_pattern_problem(pattern: str) -> str | None:
         if not _SEGMENT.match(segment):
             return f"segment {segment!r} has characters that are not allowed in a URL path"
     return None
+
+
+# -- conditions -------------------------------------------------------------------------------
+
+CONDITION_AVAILABLE = "Available"
+
+
+def find_condition(obj: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
+    """The ``status.conditions`` entry of type ``kind`` in a decoded object, if any."""
+    status = obj.get("status")
+    conditions = status.get("conditions") if isinstance(status, Mapping) else None
+    if not isinstance(conditions, list):
+        return None
+    for condition in conditions:
+        if isinstance(condition, Mapping) and condition.get("type") == kind:
+            return condition
+    return None

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from bridge.apiserver import register_routes
 from bridge.server import Bridge
 from bridge.status import StatusError, from_plugin_error, status_response
 from plugin_host.errors import PluginError
@@ -62,6 +63,7 @@ def build_app(bridge: Bridge) -> web.Application:
     for path, handler in own.items():
         app.router.add_get(path, handler)
         app.router.add_route("*", path, _read_only)
+    register_routes(app.router, bridge.api)
     app.router.add_route("*", "/{tail:.*}", front_door)
     app.cleanup_ctx.append(_bridge_context)
     return app

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __doc__ as bridge_doc
+from bridge.apiserver import kubeconfig
 from bridge.app import build_app
 from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.logsetup import configure_logging
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the bridge")
     serve.add_argument("--listen", metavar="HOST:PORT", help="address to listen on")
     serve.set_defaults(run=_serve)
+
+    kc = sub.add_parser(
+        "kubeconfig", parents=[common], help="write a kubeconfig for kubectl against the bridge"
+    )
+    kubeconfig.add_arguments(kc)
+    kc.set_defaults(run=kubeconfig.run)
 
     plugins = sub.add_parser("plugins", help="inspect plugins on disk")
     plugins_sub = plugins.add_subparsers(title="plugin commands")

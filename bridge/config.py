@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bridge.auth import AuthSettings
 from bridge.delegate import DelegateSettings
 from bridge.provisioning import ProvisioningSettings
+from bridge.storage.factory import StorageSettings
 from plugin_host.handshake import GrafanaIdentity
 from plugin_host.host import HostConfig
 from plugin_host.supervisor import RestartPolicy, SupervisorOptions
@@ -94,6 +95,10 @@ class DataPlaneSettings(_Section):
 
     manifests: tuple[Path, ...] = ()
     reload_interval: float = Field(default=2.0, gt=0)
+    # A DataPlaneService per backend plugin at start-up: "all", "none", or a list of plugin ids.
+    auto_register: Literal["all", "none"] | tuple[str, ...] = "all"
+    # How often the availability controller re-checks plugins when nothing else changed.
+    availability_resync: float = Field(default=10.0, gt=0)
 
 
 class LimitsSettings(_Section):
@@ -116,6 +121,7 @@ class BridgeConfig(_Section):
     auth: AuthSettings = AuthSettings()
     provisioning: ProvisioningSettings = ProvisioningSettings()
     dataplane: DataPlaneSettings = DataPlaneSettings()
+    storage: StorageSettings = StorageSettings()
     limits: LimitsSettings = LimitsSettings()
     logging: LoggingSettings = LoggingSettings()
 
@@ -219,6 +225,7 @@ _PATH_KEYS: tuple[tuple[str, str], ...] = (
     ("dataplane", "manifests"),
     ("auth", "token_file"),
     ("delegate", "ca_file"),
+    ("storage", "sqlite_path"),
 )
 
 

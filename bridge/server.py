@@ -11,21 +11,29 @@ from typing import Any
 from aiohttp import web
 
 from bridge.apis import DataPlaneService
+from bridge.apiserver import DataPlaneServiceAPI, api_group
 from bridge.auth import authorize_namespace, build_authenticator, require_identity
 from bridge.config import BridgeConfig
 from bridge.context import Contexts
+from bridge.controllers.autoregister import auto_register
+from bridge.controllers.availability import AvailabilityController
+from bridge.controllers.registration import RegistrationController
 from bridge.delegate import Delegate
 from bridge.handlers.base import Call, Deps, Handler
 from bridge.handlers.health import handle_health
 from bridge.handlers.query import handle_query
 from bridge.handlers.resource import handle_resource
-from bridge.identity import OrgRole, namespace_for_org
+from bridge.identity import Identity, OrgRole, namespace_for_org
 from bridge.manifests import ManifestSet, ManifestWatcher
 from bridge.metrics import BridgeMetrics
 from bridge.plugin_context import default_grafana_config
 from bridge.provisioning import ProvisioningStore
 from bridge.routing import Endpoint, Match, MethodNotAllowed, PathError, RouteTable
 from bridge.status import StatusError
+from bridge.storage import StoreError
+from bridge.storage.factory import make_store
+from bridge.storage.sqlite import SQLiteStore
+from plugin_host.errors import PluginError
 from plugin_host.host import PluginHost
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,21 @@ class Bridge:
         self.authenticator = build_authenticator(config.auth, fetch=self._fetch)
         self.routes = RouteTable()
         self.ready = {"plugins": False, "routes": False}
+        self.store = make_store(config.storage)
+        self.api = DataPlaneServiceAPI(self.store, self._identity)
+        self._manifest_services: list[DataPlaneService] = []
+        self._stored_services: list[DataPlaneService] = []
+        self.registration = RegistrationController(self.store, apply=self._stored_changed)
+        self.availability = AvailabilityController(
+            self.store,
+            objects=self.registration.objects,
+            table=lambda: self.routes,
+            plugins=self.host.registry.statuses,
+            load_errors=self._load_errors,
+            ping=self._ping,
+            resync=config.dataplane.availability_resync,
+        )
+        self.host.registry.add_listener(self.availability.poke)
         self.manifests = ManifestWatcher(
             config.dataplane.manifests,
             on_change=self._manifests_changed,
@@ -91,8 +114,46 @@ class Bridge:
         return table
 
     def _manifests_changed(self, manifests: ManifestSet) -> None:
-        self.set_services(list(manifests.services))
+        self._manifest_services = list(manifests.services)
+        self.set_services(self._manifest_services + self._stored_services)
+
+    def _stored_changed(self, services: list[DataPlaneService]) -> RouteTable:
+        self._stored_services = services
+        table = self.set_services(self._manifest_services + self._stored_services)
+        self.availability.poke()
+        return table
+
+    async def _routes_ready(self) -> None:
+        # Not awaited in start(): with etcd down the bridge still starts, just not ready.
+        await self.registration.synced.wait()
         self.ready["routes"] = True
+
+    async def _identity(self, request: web.Request) -> Identity:
+        return await require_identity(self.authenticator, request)
+
+    def _load_errors(self) -> dict[str, str]:
+        return {e.plugin_id: e.reason for e in self.host.discovery.errors if e.plugin_id}
+
+    async def _ping(self, plugin_id: str) -> bool:
+        try:
+            return await self.host.registry.client(plugin_id).ping(timeout=2.0)
+        except PluginError:
+            return False
+
+    async def _auto_register(self) -> None:
+        choice = self.config.dataplane.auto_register
+        if choice == "none":
+            return
+        wanted = []
+        for status in self.host.registry.statuses():
+            spec = self.host.discovery.get(status.plugin_id)
+            if spec is None or (choice != "all" and status.plugin_id not in choice):
+                continue
+            wanted.append((status.plugin_id, spec.type, status.services))
+        try:
+            await auto_register(self.store, wanted)
+        except StoreError as exc:
+            log.warning("auto-registration skipped: storage unavailable (%s)", exc.message)
 
     def _plugin_version(self, plugin_id: str) -> str:
         spec = self.host.discovery.get(plugin_id)
@@ -148,7 +209,7 @@ class Bridge:
 
     def own_api_groups(self) -> list[dict[str, Any]]:
         # DataPlaneService groups are not listed, as upstream: their resources live elsewhere.
-        return []
+        return [api_group()]
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -156,12 +217,18 @@ class Bridge:
         """Start everything; on failure (or cancellation) whatever started is stopped again."""
         try:
             await self.delegate.start()
+            if isinstance(self.store, SQLiteStore):
+                await self.store.open()  # a bad database file stops start-up here
             await self.manifests.load()
             self.manifests.start()
+            self.registration.start()
             self._tasks.append(asyncio.create_task(self.provisioning.watch(), name="provisioning"))
             await self.host.load()
             await self.host.start(wait=self.config.plugins.start_timeout + 5)
             self.ready["plugins"] = True
+            await self._auto_register()
+            self.availability.start()
+            self._tasks.append(asyncio.create_task(self._routes_ready(), name="routes-ready"))
         except BaseException:
             await self.stop()
             raise
@@ -171,6 +238,9 @@ class Bridge:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.availability.stop()
+        await self.registration.stop()
         await self.manifests.stop()
         await self.host.stop()
         await self.delegate.close()
+        await self.store.close()

@@ -18,6 +18,12 @@ PY_FIXTURE_DIR = FIXTURE_PLUGINS / "python-datasource"
 GO_FIXTURE_DIR = FIXTURE_PLUGINS / "go-datasource"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# Bridges started by tests keep DataPlaneServices in memory, not in ./data/bridge.db; the
+# storage tests open their own SQLite files and etcd servers.
+os.environ.setdefault("BRIDGE_STORAGE__BACKEND", "memory")
+# Tests register the DataPlaneServices they need; auto-registration has tests of its own.
+os.environ.setdefault("BRIDGE_DATAPLANE__AUTO_REGISTER", "none")
+
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:

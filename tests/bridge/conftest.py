@@ -172,6 +172,8 @@ def bridge_config(
         "provisioning.directories": [str(root / "provisioning")],
         "dataplane.manifests": [str(root / "dataplane")],
         "delegate.url": delegate,
+        "storage.backend": "memory",
+        "dataplane.auto_register": "none",
     }
     settings.update(overrides or {})
     return load_config(environ={}, overrides=settings)

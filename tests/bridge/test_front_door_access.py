@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from bridge.apiserver import api_group
 from tests.bridge.conftest import (
     DELEGATE_GROUPS,
     PY,
@@ -291,10 +292,14 @@ async def test_websocket_is_relayed_to_the_delegate(scene: Scene) -> None:
 
 
 async def test_apis_lists_the_delegates_groups(scene: Scene) -> None:
-    """The bridge lists no groups of its own (see ``Bridge.own_api_groups``): Grafana's follow."""
+    """The bridge's own group (the DataPlaneService API) first, then Grafana's."""
     answer = await scene.door.call("GET", "/apis")
     assert answer.status == 200, answer.text
-    assert answer.json() == {"kind": "APIGroupList", "apiVersion": "v1", "groups": DELEGATE_GROUPS}
+    assert answer.json() == {
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [api_group(), *DELEGATE_GROUPS],
+    }
 
 
 async def test_delegated_requests_are_counted(scene: Scene) -> None:
@@ -328,7 +333,12 @@ NO_DELEGATE = [
             "/api/dashboards/uid/x is not served by the bridge and no delegate is configured",
         ),
     ),
-    ("no delegate configured: /apis has the bridge's groups only", None, "/apis", apis_list([])),
+    (
+        "no delegate configured: /apis has the bridge's groups only",
+        None,
+        "/apis",
+        apis_list([api_group()]),
+    ),
     (
         "delegate down: a path for Grafana",
         "down",

@@ -1,0 +1,1 @@
+"""Controllers: keep the route table and DataPlaneService status in step with the store."""

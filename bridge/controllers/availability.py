@@ -1,0 +1,205 @@
+"""Availability: the ``Available`` condition of each DataPlaneService, from its plugin's state."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bridge.apis import DataPlaneService, InvalidObject
+from bridge.routing import RouteTable
+from bridge.storage import Conflict, NotFound, Store, StoreError
+from plugin_host.supervisor import PluginState, PluginStatus
+
+log = logging.getLogger(__name__)
+
+AVAILABLE = "Available"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    status: str  # "True" | "False" | "Unknown"
+    reason: str
+    message: str
+
+
+def judge(
+    obj: Mapping[str, Any],
+    *,
+    table: RouteTable,
+    plugins: Mapping[str, PluginStatus],
+    load_errors: Mapping[str, str],
+    healthy: Mapping[str, bool],
+) -> Verdict:
+    """What the Available condition of one object should say right now."""
+    name = obj["metadata"]["name"]
+    try:
+        service = DataPlaneService.from_object(obj)
+    except InvalidObject as exc:
+        return Verdict("False", "Invalid", str(exc))
+    if name in table.conflicts:
+        return Verdict(
+            "False",
+            "Conflict",
+            f"{service.group}/{service.version} is already served by {table.conflicts[name]}",
+        )
+    plugin = plugins.get(service.plugin_id)
+    if plugin is None:
+        why = load_errors.get(service.plugin_id)
+        detail = (
+            f": {why}" if why else " (no plugin with that id was found in the plugin directories)"
+        )
+        return Verdict(
+            "False", "PluginNotFound", f"plugin {service.plugin_id} is not loaded{detail}"
+        )
+    if plugin.state is PluginState.CRASH_LOOP:
+        return Verdict(
+            "False",
+            "CrashLooping",
+            f"plugin {service.plugin_id} is crash-looping after {plugin.consecutive_failures} "
+            f"failures in a row; last: {_one_line(plugin.last_error)}",
+        )
+    if plugin.state is not PluginState.RUNNING:
+        detail = f"; last error: {_one_line(plugin.last_error)}" if plugin.last_error else ""
+        return Verdict(
+            "False", "PluginNotRunning", f"plugin {service.plugin_id} is {plugin.state}{detail}"
+        )
+    if not healthy.get(service.plugin_id, True):
+        return Verdict(
+            "False",
+            "HealthCheckFailed",
+            f"plugin {service.plugin_id} did not answer its health check",
+        )
+    return Verdict("True", "Passed", "all checks passed")
+
+
+def _one_line(text: str | None) -> str:
+    return (text or "unknown").splitlines()[0][:300]
+
+
+def current_condition(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    for condition in (obj.get("status") or {}).get("conditions") or []:
+        if isinstance(condition, dict) and condition.get("type") == AVAILABLE:
+            return condition
+    return None
+
+
+def with_condition(
+    obj: Mapping[str, Any], verdict: Verdict, *, now: datetime
+) -> dict[str, Any] | None:
+    """A copy of ``obj`` with the condition set, or None if it already says exactly that.
+
+    ``lastTransitionTime`` moves only when the status changes, as Kubernetes' helpers do.
+    """
+    old = current_condition(obj)
+    if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
+        verdict.status,
+        verdict.reason,
+        verdict.message,
+    ):
+        return None
+    changed_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if old is not None and old.get("status") == verdict.status and old.get("lastTransitionTime"):
+        changed_at = old["lastTransitionTime"]
+    condition = {
+        "type": AVAILABLE,
+        "status": verdict.status,
+        "lastTransitionTime": changed_at,
+        "reason": verdict.reason,
+        "message": verdict.message,
+    }
+    updated = copy.deepcopy(dict(obj))
+    status = updated.setdefault("status", {}) or {}
+    updated["status"] = status
+    others = [c for c in status.get("conditions") or [] if c.get("type") != AVAILABLE]
+    status["conditions"] = [*others, condition]
+    return updated
+
+
+class AvailabilityController:
+    """Re-judges every object when plugins or objects change (and every ``resync`` seconds),
+    and writes status only where the verdict changed."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        objects: Callable[[], Mapping[str, Mapping[str, Any]]],
+        table: Callable[[], RouteTable],
+        plugins: Callable[[], list[PluginStatus]],
+        load_errors: Callable[[], Mapping[str, str]],
+        ping: Callable[[str], Awaitable[bool]],
+        resync: float = 10.0,
+    ) -> None:
+        self._store = store
+        self._objects = objects
+        self._table = table
+        self._plugins = plugins
+        self._load_errors = load_errors
+        self._ping = ping
+        self._resync = resync
+        self._dirty = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def poke(self, *_: object) -> None:
+        """Something changed; judge again soon. Safe to call from any listener."""
+        self._dirty.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="availability-controller")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self._resync)
+            self._dirty.clear()
+            try:
+                await self.reconcile()
+            except StoreError as exc:
+                log.warning("cannot update DataPlaneService status: %s", exc.message)
+            except Exception:
+                log.exception("availability controller failed; retrying at the next change")
+
+    async def reconcile(self) -> int:
+        """Judge every object once; returns how many statuses were written."""
+        plugins = {p.plugin_id: p for p in self._plugins()}
+        healthy: dict[str, bool] = {}
+        for plugin_id, status in plugins.items():
+            if status.state is PluginState.RUNNING:
+                healthy[plugin_id] = await self._ping(plugin_id)
+        table = self._table()
+        load_errors = self._load_errors()
+        written = 0
+        for obj in list(self._objects().values()):
+            verdict = judge(
+                obj, table=table, plugins=plugins, load_errors=load_errors, healthy=healthy
+            )
+            updated = with_condition(obj, verdict, now=datetime.now(UTC))
+            if updated is None:
+                continue
+            version = int(obj["metadata"]["resourceVersion"])
+            try:
+                await self._store.update(updated, expected_version=version)
+            except (Conflict, NotFound):
+                self._dirty.set()  # someone else wrote first; judge the new version next round
+                continue
+            written += 1
+            log.info(
+                "DataPlaneService %s: Available=%s (%s)",
+                obj["metadata"]["name"],
+                verdict.status,
+                verdict.reason,
+            )
+        return written
