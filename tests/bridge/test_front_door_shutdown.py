@@ -67,7 +67,8 @@ def write_config(root: Path, port: int) -> Path:
 async def refuses_connections(port: int) -> bool:
     try:
         _, writer = await asyncio.open_connection("127.0.0.1", port)
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
+        # A connection that reached the backlog as the listener closed is reset, not refused.
         return True
     writer.close()
     await writer.wait_closed()
