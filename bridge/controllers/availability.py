@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bridge.apis import DataPlaneService, InvalidObject
+from bridge.apis import CONDITION_AVAILABLE, DataPlaneService, InvalidObject, find_condition
 from bridge.routing import RouteTable
 from bridge.storage import Conflict, NotFound, Store, StoreError
 from plugin_host.supervisor import PluginState, PluginStatus
 
 log = logging.getLogger(__name__)
 
-AVAILABLE = "Available"
+AVAILABLE = CONDITION_AVAILABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +82,6 @@ def _one_line(text: str | None) -> str:
     return (text or "unknown").splitlines()[0][:300]
 
 
-def current_condition(obj: Mapping[str, Any]) -> dict[str, Any] | None:
-    for condition in (obj.get("status") or {}).get("conditions") or []:
-        if isinstance(condition, dict) and condition.get("type") == AVAILABLE:
-            return condition
-    return None
-
-
 def with_condition(
     obj: Mapping[str, Any], verdict: Verdict, *, now: datetime
 ) -> dict[str, Any] | None:
@@ -96,7 +89,7 @@ def with_condition(
 
     ``lastTransitionTime`` moves only when the status changes, as Kubernetes' helpers do.
     """
-    old = current_condition(obj)
+    old = find_condition(obj, AVAILABLE)
     if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
         verdict.status,
         verdict.reason,
