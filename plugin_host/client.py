@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
 
 import grpc
@@ -274,26 +275,17 @@ class BackendClient:
             yield request
 
         method = "ServerReflectionInfo"
-        try:
+        with self._translated(method):
             call = stub.ServerReflectionInfo(requests(), timeout=timeout)
-        except grpc.aio.UsageError:
-            raise self._closed(method) from None
-        try:
-            async for response in call:
-                names = {s.name for s in response.list_services_response.service}
-                return frozenset(n for n in names if n.startswith("pluginv2."))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                return None
-            raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
-        except grpc.aio.UsageError:
-            raise self._closed(method) from None
-        except asyncio.CancelledError:
-            if self._caller_cancelled():
-                raise
-            raise self._closed(method) from None
-        finally:
-            call.cancel()
+            try:
+                async for response in call:
+                    names = {s.name for s in response.list_services_response.service}
+                    return frozenset(n for n in names if n.startswith("pluginv2."))
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+            finally:
+                call.cancel()
         return None
 
     # -- plumbing --------------------------------------------------------------------------
@@ -309,6 +301,20 @@ class BackendClient:
             self.plugin_id,
             f"{method}: the connection to the plugin is closed (it was restarted or stopped)",
         )
+
+    @contextlib.contextmanager
+    def _translated(self, method: str) -> Iterator[None]:
+        """gRPC failures as the host's error tree, for every shape of call."""
+        try:
+            yield
+        except grpc.aio.AioRpcError as exc:
+            raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
+        except grpc.aio.UsageError:
+            raise self._closed(method) from None
+        except asyncio.CancelledError:
+            if self._caller_cancelled():
+                raise
+            raise self._closed(method) from None
 
     @staticmethod
     def _caller_cancelled() -> bool:
@@ -331,16 +337,8 @@ class BackendClient:
     ) -> T:
         if check_available:
             self._check_available()
-        try:
+        with self._translated(method):
             return await rpc(request, timeout=self.default_timeout if timeout is None else timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
-        except grpc.aio.UsageError:
-            raise self._closed(method) from None
-        except asyncio.CancelledError:
-            if self._caller_cancelled():
-                raise
-            raise self._closed(method) from None
 
     async def _streaming(
         self,
@@ -356,20 +354,10 @@ class BackendClient:
             self._check_available()
         if timeout is None and default:
             timeout = self.default_timeout
-        try:
+        with self._translated(method):
             call = rpc(request, timeout=timeout)
-        except grpc.aio.UsageError:
-            raise self._closed(method) from None
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            raise map_rpc_error(exc, plugin_id=self.plugin_id, method=method) from None
-        except grpc.aio.UsageError:
-            raise self._closed(method) from None
-        except asyncio.CancelledError:
-            if self._caller_cancelled():
-                raise
-            raise self._closed(method) from None
-        finally:
-            call.cancel()
+            try:
+                async for message in call:
+                    yield message
+            finally:
+                call.cancel()
