@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,13 +49,11 @@ class Contexts:
     ) -> dict[str, str]:
         """Headers the plugin may see; ``prefixed`` gives QueryData's ``http_<Name>`` keys."""
         json_data: Mapping[str, Any] | None = None
-        raw = context.dataSourceInstanceSettings.jsonData
-        if raw:
-            try:
-                decoded = json.loads(raw)
-            except ValueError:
-                decoded = None
-            json_data = decoded if isinstance(decoded, dict) else None
+        uid = context.dataSourceInstanceSettings.uid
+        if uid:
+            # The settings the context was built from, not a re-parse of its jsonData bytes.
+            datasource = self._provisioning.lookup_datasource(context.orgId, uid)
+            json_data = datasource.json_data if datasource is not None else None
         forwarded = forwardable_headers(
             call.request.headers, identity=call.identity, json_data=json_data
         )

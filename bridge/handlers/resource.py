@@ -9,6 +9,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from bridge.apis import PluginType
+from bridge.delegate import HOP_BY_HOP
 from bridge.handlers.base import Call, Deps
 from bridge.routing import Endpoint
 from bridge.status import StatusError
@@ -20,19 +21,9 @@ log = logging.getLogger(__name__)
 _DROP_REQUEST = frozenset(
     {"cookie", "authorization", "x-grafana-org-id", "x-ds-authorization", "x-id-token", "host"}
 )
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-    }
-)
+# Connection-level headers (shared with the delegate), plus the ones a streamed answer
+# recomputes: never passed between the client and the plugin.
+_HOP_BY_HOP = HOP_BY_HOP | {"proxy-authenticate", "proxy-authorization", "content-length"}
 
 
 def resource_path(call: Call) -> str:
