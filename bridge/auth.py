@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge.identity import Identity, OrgRole, namespace_for_org, parse_namespace
 from bridge.status import StatusError
+from bridge.tls import peer_subject
 from bridge.tokenfile import OrgGrant, TokenAuthenticator, TokenFileError, parse_token_file
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "AnonymousSettings",
     "AuthSettings",
     "Authenticator",
+    "ClientCertAuthenticator",
     "Fetch",
     "GrafanaAuthenticator",
     "OrgGrant",
@@ -51,6 +53,7 @@ __all__ = [
     "build_authenticator",
     "credential_headers",
     "forwardable_headers",
+    "grant_for",
     "parse_token_file",
     "query_headers",
     "require_identity",
@@ -122,6 +125,10 @@ class Authenticator(Protocol):
 
 async def require_identity(authenticator: Authenticator, request: web.Request) -> Identity:
     """``authenticate``, with "no credentials" turned into a 401."""
+    # Authorization is a singleton field (RFC 9110 §11.6.2): two of them are ambiguous (a proxy
+    # in front may have checked the other one), so refuse rather than pick one.
+    if len(request.headers.getall("Authorization", [])) > 1:
+        raise StatusError(400, "more than one Authorization header")
     identity = await authenticator.authenticate(request)
     if identity is None:
         hint = getattr(authenticator, "credentials_hint", "credentials")
@@ -131,6 +138,11 @@ async def require_identity(authenticator: Authenticator, request: web.Request) -
 
 def build_authenticator(settings: AuthSettings, *, fetch: Fetch | None = None) -> Authenticator:
     """The authenticator for ``settings.mode``, with the anonymous fallback when enabled."""
+    # A verified client certificate (server.client_ca) comes first, as in kube-apiserver.
+    return ClientCertAuthenticator(_primary_authenticator(settings, fetch), settings.users)
+
+
+def _primary_authenticator(settings: AuthSettings, fetch: Fetch | None) -> Authenticator:
     primary: Authenticator
     if settings.mode == "anonymous":
         return AnonymousAuthenticator(settings.anonymous)
@@ -486,6 +498,73 @@ class _AnonymousFallback:
         if identity is not None:
             return identity
         return await self._anonymous.authenticate(request)
+
+
+# --- client certificates --------------------------------------------------------------------
+
+
+def grant_for(grants: Mapping[str, OrgGrant], login: str, groups: Iterable[str]) -> OrgGrant:
+    """The org and role ``auth.users`` gives a login with ``groups``, as token mode decides.
+
+    The login's own entry wins; otherwise the first group with a grant picks the org and the
+    highest role any of the groups grants there applies. Nothing granted: role None in org 1.
+    """
+    own = grants.get(login)
+    if own is not None:
+        return own
+    matches = [g for g in (grants.get(f"group:{name}") for name in groups) if g is not None]
+    if not matches:
+        return OrgGrant(org_id=1, role=OrgRole.NONE)
+    org_id = matches[0].org_id
+    same_org = [g for g in matches if g.org_id == org_id]
+    return OrgGrant(
+        org_id=org_id,
+        role=max(g.role for g in same_org),
+        server_admin=any(g.server_admin for g in same_org),
+    )
+
+
+class ClientCertAuthenticator:
+    """A verified TLS client certificate names the caller; otherwise ``fallback`` decides.
+
+    As kube-apiserver reads one: the subject's CN is the login and each O a group; org and
+    role come from ``auth.users`` exactly as for a token-file user. The listener verifies
+    certificates only when ``server.client_ca`` is set, and Python reports a peer certificate
+    only once it is verified, so without a client CA this always defers to ``fallback``.
+    """
+
+    def __init__(self, fallback: Authenticator, grants: Mapping[str, OrgGrant]) -> None:
+        self._fallback = fallback
+        self._grants = dict(grants)
+        self.credentials_hint = getattr(fallback, "credentials_hint", "credentials")
+
+    @property
+    def fallback(self) -> Authenticator:
+        return self._fallback
+
+    def identify(self, peercert: Any) -> Identity | None:
+        subject = peer_subject(peercert)
+        if subject is None:
+            return None
+        login, groups = subject
+        grant = grant_for(self._grants, login, groups)
+        return Identity(
+            login=login,
+            name=login,
+            email="",
+            org_id=grant.org_id,
+            role=grant.role,
+            is_server_admin=grant.server_admin,
+            auth_method="x509",
+        )
+
+    async def authenticate(self, request: web.Request) -> Identity | None:
+        transport = request.transport
+        if transport is not None:
+            identity = self.identify(transport.get_extra_info("peercert"))
+            if identity is not None:
+                return identity
+        return await self._fallback.authenticate(request)
 
 
 # --- authorization and forwarding ------------------------------------------------------------

@@ -1,12 +1,12 @@
-"""The ``grafana-bridge`` command: serve, list and check plugins."""
+"""The ``grafana-bridge`` command: serve, list and check plugins, write kubeconfigs and certs."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import socket
-import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,8 +15,9 @@ from typing import Any
 from aiohttp import web
 
 from bridge import __doc__ as bridge_doc
+from bridge import tls
 from bridge.apiserver import kubeconfig
-from bridge.app import build_app
+from bridge.app import build_app, handler_kwargs
 from bridge.config import BridgeConfig, ConfigError, load_config
 from bridge.logsetup import configure_logging
 from bridge.provisioning import ProvisioningError
@@ -80,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     kubeconfig.add_arguments(kc)
     kc.set_defaults(run=kubeconfig.run)
 
+    certs = sub.add_parser(
+        "certs",
+        parents=[common],
+        help="make a local CA and a server certificate (and client certificates) for TLS",
+    )
+    tls.add_arguments(certs)
+    certs.set_defaults(run=tls.run)
+
     plugins = sub.add_parser("plugins", help="inspect plugins on disk")
     plugins_sub = plugins.add_subparsers(title="plugin commands")
     listing = plugins_sub.add_parser("list", parents=[common], help="list discovered plugins")
@@ -113,15 +122,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(config: BridgeConfig, args: argparse.Namespace) -> int:
     server = config.server
-    ssl_context = None
-    if server.tls_cert is not None or server.tls_key is not None:
-        if server.tls_cert is None or server.tls_key is None:
-            raise ConfigError("server.tls_cert and server.tls_key must be set together")
-        ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            ssl_context.load_cert_chain(server.tls_cert, server.tls_key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"server.tls_cert/tls_key: cannot load: {exc}") from None
+    try:
+        ssl_context = tls.server_ssl_context(server)
+    except tls.TLSError as exc:
+        raise ConfigError(str(exc)) from None
+    warn_if_root(config)
     try:
         bridge = Bridge(config)
     except ProvisioningError as exc:
@@ -144,11 +149,29 @@ def _serve(config: BridgeConfig, args: argparse.Namespace) -> int:
             shutdown_timeout=server.shutdown_grace,
             print=None,
             access_log=None,
+            **handler_kwargs(bridge),  # limits.* parser backstops (bridge/limits.py)
         )
     finally:
         for sock in sockets:
             sock.close()
     return 0
+
+
+def warn_if_root(config: BridgeConfig) -> bool:
+    """Warn (once, at start-up) when the bridge runs as root; True if it warned."""
+    if os.geteuid() != 0:
+        return False
+    if config.plugins.run_as_user:
+        log.warning(
+            "grafana-bridge runs as root; plugin processes run as %r (plugins.run_as_user)",
+            config.plugins.run_as_user,
+        )
+    else:
+        log.warning(
+            "grafana-bridge runs as root, and so will every plugin it starts: run it as an "
+            "unprivileged user, or set plugins.run_as_user (docs/security.md)"
+        )
+    return True
 
 
 def _bind(host: str, port: int) -> list[socket.socket]:
@@ -182,6 +205,7 @@ def _discover(config: BridgeConfig) -> DiscoveryResult:
         allow_unsigned=host.allow_unsigned,
         dev_mode=host.dev_mode,
         grafana_root_url=host.grafana_root_url,
+        strict_permissions=host.strict_permissions,
     )
 
 

@@ -1,7 +1,8 @@
 """The DataPlaneService REST handlers: get, list, watch, create, update, patch and delete.
 
 One :class:`DataPlaneServiceAPI` holds the store and the caller check. Reads need an
-authenticated caller; writes need a Grafana server admin or an org Admin (``may_write``).
+authenticated caller; writes need a Grafana server admin or an Admin of the main org
+(``may_write``).
 Each handler parses its request, applies the strategy (bridge/apiserver/strategy.py) and
 maps storage failures with :func:`errors.from_store_error`.
 """
@@ -41,12 +42,21 @@ Authenticate = Callable[[web.Request], Awaitable[Identity]]
 Clock = Callable[[], datetime]
 
 LIST_KIND = f"{KIND}List"
-WRITE_DENIED = "only Grafana server admins and org admins may change DataPlaneServices"
+WRITE_DENIED = (
+    "only Grafana server admins and admins of the main org may change DataPlaneServices"
+)
+MAIN_ORG_ID = 1
 
 
 def may_write(identity: Identity) -> bool:
-    """The default write policy: a Grafana server admin, or an Admin of the caller's org."""
-    return identity.is_server_admin or identity.role >= OrgRole.ADMIN
+    """The default write policy: a Grafana server admin, or an Admin of the main org (1).
+
+    DataPlaneServices are cluster-wide: one routes a group for every org. An Admin of any
+    other org is a tenant, and must not be able to reroute or remove other tenants' APIs.
+    """
+    return identity.is_server_admin or (
+        identity.org_id == MAIN_ORG_ID and identity.role >= OrgRole.ADMIN
+    )
 
 
 def _utc_now() -> datetime:
@@ -397,17 +407,26 @@ class DataPlaneServiceAPI:
         options = WriteOptions.from_query(request.query)
         output = negotiate(request)
         preconditions, dry_run = await _delete_options(request)
-        current = await self._stored(name)
         uid = preconditions.get("uid")
-        stored_uid = (current.get("metadata") or {}).get("uid")
-        if uid and uid != stored_uid:
-            why = f"UID in precondition: {uid}, UID in object meta: {stored_uid}"
-            raise errors.conflict(name, f"Precondition failed: {why}")
         expected = preconditions.get("resourceVersion")
-        if expected is not None and expected != _version(current):
-            raise errors.modified(name)
-        obj, code = await self._delete_one(current, dry_run=options.dry_run or dry_run)
-        return self._answer(obj, output, status=code)
+        # Without a resourceVersion precondition a delete does not lose to a concurrent write
+        # (the availability controller's status update, say): re-read and retry, as kube does.
+        for _ in range(self._patch_retries):
+            current = await self._stored(name)
+            stored_uid = (current.get("metadata") or {}).get("uid")
+            if uid and uid != stored_uid:
+                why = f"UID in precondition: {uid}, UID in object meta: {stored_uid}"
+                raise errors.conflict(name, f"Precondition failed: {why}")
+            if expected is not None and expected != _version(current):
+                raise errors.modified(name)
+            try:
+                obj, code = await self._delete_one(current, dry_run=options.dry_run or dry_run)
+            except StatusError as exc:
+                if exc.reason == "Conflict" and expected is None:
+                    continue
+                raise
+            return self._answer(obj, output, status=code)
+        raise errors.modified(name)
 
     async def _delete_one(
         self, current: dict[str, Any], *, dry_run: bool

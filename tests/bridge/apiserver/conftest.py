@@ -32,6 +32,7 @@ TOKENS: Mapping[str, Identity] = {
     "admin-token": Identity("admin", "Admin", "", org_id=1, role=OrgRole.ADMIN),
     "editor-token": Identity("editor", "Editor", "", org_id=1, role=OrgRole.EDITOR),
     "viewer-token": Identity("viewer", "Viewer", "", org_id=1, role=OrgRole.VIEWER),
+    "tenant-admin-token": Identity("tenant", "Tenant", "", org_id=2, role=OrgRole.ADMIN),
     "root-token": Identity("root", "Root", "", org_id=3, role=OrgRole.NONE, is_server_admin=True),
 }
 

@@ -218,8 +218,17 @@ ROWS = {
         reason="Forbidden",
         message='dataplaneservices.aggregation.grafana.app is forbidden: User "viewer" '
         'cannot create resource "dataplaneservices" in API group "aggregation.grafana.app" at '
-        "the cluster scope: only Grafana server admins and org admins may change "
+        "the cluster scope: only Grafana server admins and admins of the main org may change "
         "DataPlaneServices",
+    ),
+    # Cluster-wide objects: an Admin of another org is a tenant and may not reroute org 1.
+    "create-other-org-admin-403": Row(
+        "POST",
+        BASE,
+        body=SEEDED,
+        headers=bearer("tenant-admin-token"),
+        code=403,
+        reason="Forbidden",
     ),
     "create-editor-403": Row(
         "POST", BASE, body=SEEDED, headers=bearer("editor-token"), code=403, reason="Forbidden"

@@ -1,0 +1,274 @@
+"""Real ``grafana-bridge serve`` subprocesses for the multi-replica, crash and TLS tests.
+
+Each bridge runs with a marker variable in its environment; plugins inherit it, so a test can
+find every process a bridge started even after the bridge is gone. ``running_bridges`` tears
+every bridge (and anything carrying its marker) down when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from tests.conftest import FIXTURE_PLUGINS
+from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID
+
+GRAFANA_BRIDGE = Path(sys.executable).with_name("grafana-bridge")
+MARK_VARIABLE = "GFB_TEST_BRIDGE_MARK"
+ADMIN_TOKEN = "test-admin-token"
+DPS_PATH = "/apis/aggregation.grafana.app/v0alpha1/dataplaneservices"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def write_bridge_config(
+    directory: Path,
+    port: int,
+    *,
+    storage: dict[str, Any],
+    server: dict[str, Any] | None = None,
+    auth_users: dict[str, Any] | None = None,
+    plugins: dict[str, Any] | None = None,
+    dataplane: dict[str, Any] | None = None,
+) -> Path:
+    """A bridge config like examples/quickstart.yaml: the fixture plugins, a token file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = directory / "tokens.csv"
+    tokens.write_text(f'{ADMIN_TOKEN},admin,1001,"admins"\n')
+    tokens.chmod(0o600)
+    datasources = directory / "provisioning" / "datasources"
+    datasources.mkdir(parents=True, exist_ok=True)
+    (datasources / "fixtures.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": 1,
+                "datasources": [
+                    {"name": "Python fixture", "type": PY_FIXTURE_ID, "uid": "pyfixture"},
+                    {"name": "Go fixture", "type": GO_FIXTURE_ID, "uid": "gofixture"},
+                ],
+            }
+        )
+    )
+    config = {
+        "server": {"listen": f"127.0.0.1:{port}", "shutdown_grace": 2, **(server or {})},
+        "plugins": {
+            "directories": [str(FIXTURE_PLUGINS)],
+            "allow_unsigned": [GO_FIXTURE_ID, PY_FIXTURE_ID],
+            "start_timeout": 20,
+            "stop_grace": 1,
+            **(plugins or {}),
+        },
+        "provisioning": {"directories": [str(directory / "provisioning")]},
+        "dataplane": {"auto_register": "none", "availability_resync": 1, **(dataplane or {})},
+        "storage": storage,
+        "auth": {
+            "mode": "token",
+            "token_file": str(tokens),
+            "users": auth_users or {"admin": {"org_id": 1, "role": "Admin"}},
+        },
+        "logging": {"level": "info"},
+    }
+    path = directory / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def dataplaneservice(group: str, plugin_id: str = PY_FIXTURE_ID) -> dict[str, Any]:
+    return {
+        "apiVersion": "aggregation.grafana.app/v0alpha1",
+        "kind": "DataPlaneService",
+        "metadata": {"name": f"v0alpha1.{group}"},
+        "spec": {
+            "pluginID": plugin_id,
+            "pluginType": "datasource",
+            "group": group,
+            "version": "v0alpha1",
+            "services": [{"type": "route"}],
+        },
+    }
+
+
+def health_path(group: str, uid: str = "pyfixture") -> str:
+    """A CheckHealth through the group's mount point (needs a provisioned datasource ``uid``)."""
+    return f"/apis/{group}/v0alpha1/namespaces/default/datasources/{uid}/health"
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    """Live processes (zombies excluded) whose environment carries ``mark``."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if (
+                process.environ().get(MARK_VARIABLE) == mark
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+class BridgeProcess:
+    """One ``grafana-bridge serve -c config`` process, started and stopped by the test."""
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        port: int,
+        ca_file: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.port = port
+        self.mark = uuid.uuid4().hex
+        self.log_path = config.parent / f"bridge-{self.mark[:8]}.log"
+        self.ca_file = ca_file
+        self.extra_env = env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ssl: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=ca_file) if ca_file is not None else True
+        )
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ca_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        assert self.process is None or self.process.poll() is not None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+        env.update(self.extra_env)
+        env[MARK_VARIABLE] = self.mark
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(GRAFANA_BRIDGE), "serve", "-c", str(self.config)],
+                cwd=self.config.parent,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    @property
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def plugin_processes(self) -> list[psutil.Process]:
+        own = self.process.pid if self.process is not None else -1
+        return [p for p in marked_processes(self.mark) if p.pid != own]
+
+    def kill(self) -> None:
+        """SIGKILL, as the kernel's OOM killer or ``kill -9`` would end it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 10 s; then nothing carrying the marker is left."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        for leftover in marked_processes(self.mark):
+            try:
+                leftover.kill()
+            except psutil.NoSuchProcess:
+                continue
+
+    async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 45.0) -> float:
+        """Poll ``/readyz`` until 200; returns the seconds it took."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"bridge exited with {self.process.returncode}:\n{self.log}")
+            try:
+                async with session.get(f"{self.url}/readyz", ssl=self.ssl) as response:
+                    if response.status == 200:
+                        return time.monotonic() - started
+            except (aiohttp.ClientConnectionError, TimeoutError):
+                pass
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"bridge not ready within {timeout}s:\n{self.log}")
+
+    async def request(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        token: str | None = ADMIN_TOKEN,
+        timeout: float = 10.0,
+        content_type: str | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        async with session.request(
+            method,
+            f"{self.url}{path}",
+            json=json,
+            headers=headers,
+            ssl=self.ssl,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
+            body: Any = await response.text()
+            if response.content_type == "application/json":
+                body = await response.json(content_type=None)
+            return response.status, body
+
+
+@contextmanager
+def running_bridges() -> Iterator[list[BridgeProcess]]:
+    """A list the test appends its bridges to; each is stopped at the end, pass or fail."""
+    bridges: list[BridgeProcess] = []
+    try:
+        yield bridges
+    finally:
+        for bridge in bridges:
+            bridge.stop()
+
+
+async def wait_gone(processes: list[psutil.Process], timeout: float = 10.0) -> list[int]:
+    """The pids of ``processes`` still alive (zombies aside) after ``timeout`` seconds."""
+    _, alive = await asyncio.to_thread(psutil.wait_procs, processes, timeout=timeout)
+    left = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return left

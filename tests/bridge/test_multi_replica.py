@@ -1,0 +1,203 @@
+"""Two real ``grafana-bridge serve`` replicas sharing one real etcd.
+
+An object applied through either replica is served by both within a second; SIGKILL of one
+replica leaves the other serving (and leaves none of the dead one's plugins behind); etcd
+stopped and started again is survived by both, whose watches resume without losing events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.bridge.bridge_process import (
+    DPS_PATH,
+    BridgeProcess,
+    dataplaneservice,
+    free_port,
+    health_path,
+    running_bridges,
+    wait_gone,
+    write_bridge_config,
+)
+from tests.bridge.storage.conftest import running_etcd
+from tests.bridge.storage.etcd_server import EtcdServer
+
+pytestmark = [pytest.mark.go, pytest.mark.slow]
+
+PROPAGATION_LIMIT = 1.0  # seconds from the 2xx of a write to the other replica serving it
+
+
+@pytest.fixture(autouse=True)
+def _go_fixture_built(go_fixture_binary: Path) -> None:
+    """fixtures/plugins is only complete once the Go fixture's binary is there."""
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    with running_etcd() as server:
+        yield server
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def replica_configs(tmp: Path, etcd: EtcdServer) -> list[BridgeProcess]:
+    prefix = f"/registry/replicas-{uuid.uuid4().hex[:8]}/dataplaneservices/"
+    storage = {
+        "backend": "etcd",
+        "etcd": {"endpoints": [etcd.endpoint], "prefix": prefix, "request_timeout": 2},
+    }
+    bridges = []
+    for name in ("a", "b"):
+        port = free_port()
+        config = write_bridge_config(tmp / name, port, storage=storage)
+        bridges.append(BridgeProcess(config, port=port))
+    return bridges
+
+
+async def start_pair(
+    tmp: Path, etcd: EtcdServer, session: aiohttp.ClientSession, into: list[BridgeProcess]
+) -> tuple[BridgeProcess, BridgeProcess]:
+    a, b = replica_configs(tmp, etcd)
+    into += [a, b]
+    a.start()
+    b.start()
+    await asyncio.gather(a.wait_ready(session), b.wait_ready(session))
+    return a, b
+
+
+async def serves_within(
+    bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float
+) -> float:
+    """Seconds until ``bridge`` answers 200 through ``group``; fails after ``limit`` seconds."""
+    started = time.monotonic()
+    last: tuple[int, object] = (0, None)
+    while time.monotonic() - started < limit:
+        last = await bridge.request(session, "GET", health_path(group), timeout=2)
+        if last[0] == 200:
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{bridge.url} did not serve {group} within {limit}s: {last}")
+
+
+async def unmounted_within(
+    bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float
+) -> None:
+    started = time.monotonic()
+    status = 0
+    while time.monotonic() - started < limit:
+        status, _ = await bridge.request(session, "GET", health_path(group), timeout=2)
+        if status == 404:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{bridge.url} still answers {status} for removed {group}")
+
+
+async def create(bridge: BridgeProcess, session: aiohttp.ClientSession, group: str) -> None:
+    status, body = await bridge.request(session, "POST", DPS_PATH, json=dataplaneservice(group))
+    assert status == 201, body
+
+
+async def test_an_object_applied_through_either_replica_is_served_by_both_within_a_second(
+    tmp_path: Path, etcd: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    with running_bridges() as bridges:
+        a, b = await start_pair(tmp_path, etcd, session, bridges)
+        delays = []
+        for writer, group in ((a, "one.replicas.grafana.app"), (b, "two.replicas.grafana.app")):
+            await create(writer, session, group)
+            for bridge in (a, b):
+                delays.append(await serves_within(bridge, session, group, PROPAGATION_LIMIT))
+        # Deleting through one replica unmounts the group on both.
+        status, _ = await b.request(
+            session, "DELETE", f"{DPS_PATH}/v0alpha1.one.replicas.grafana.app"
+        )
+        assert status == 200
+        for bridge in (a, b):
+            await unmounted_within(bridge, session, "one.replicas.grafana.app", PROPAGATION_LIMIT)
+        assert max(delays) < PROPAGATION_LIMIT
+
+
+async def test_killing_one_replica_does_not_affect_the_other(
+    tmp_path: Path, etcd: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    with running_bridges() as bridges:
+        a, b = await start_pair(tmp_path, etcd, session, bridges)
+        group = "kill.replicas.grafana.app"
+        await create(a, session, group)
+        await serves_within(b, session, group, PROPAGATION_LIMIT)
+        a_plugins = a.plugin_processes()
+        assert len(a_plugins) >= 2, a.log  # both fixture plugins run under replica a
+
+        statuses: list[int] = []
+        stop = asyncio.Event()
+
+        async def keep_asking() -> None:
+            while not stop.is_set():
+                status, _ = await b.request(session, "GET", health_path(group), timeout=5)
+                statuses.append(status)
+                await asyncio.sleep(0.01)
+
+        asker = asyncio.create_task(keep_asking())
+        await asyncio.sleep(0.3)
+        a.kill()
+        await asyncio.sleep(1.5)
+        # Still writable through the survivor, and what it writes it serves.
+        await create(b, session, "after.replicas.grafana.app")
+        await serves_within(b, session, "after.replicas.grafana.app", PROPAGATION_LIMIT)
+        stop.set()
+        await asker
+
+        assert len(statuses) > 20
+        assert set(statuses) == {200}
+        assert await wait_gone(a_plugins) == []
+        assert b.process is not None and b.process.poll() is None
+
+
+async def test_etcd_restart_is_survived_and_no_event_is_lost(
+    tmp_path: Path, etcd: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    with running_bridges() as bridges:
+        a, b = await start_pair(tmp_path, etcd, session, bridges)
+        before = "before.replicas.grafana.app"
+        await create(a, session, before)
+        await serves_within(b, session, before, PROPAGATION_LIMIT)
+
+        etcd.stop()
+        # etcd is down: the routes both replicas hold keep serving; the API says 503.
+        for bridge in (a, b):
+            status, _ = await bridge.request(session, "GET", health_path(before))
+            assert status == 200
+        status, body = await a.request(session, "GET", DPS_PATH)
+        assert status == 503, body
+        etcd.start()
+
+        # Writes through both replicas once etcd is back: each replica sees every one of them.
+        groups = [f"after{i}.replicas.grafana.app" for i in range(4)]
+        for index, group in enumerate(groups):
+            writer = (a, b)[index % 2]
+            deadline = time.monotonic() + 15
+            while True:
+                status, body = await writer.request(
+                    session, "POST", DPS_PATH, json=dataplaneservice(group)
+                )
+                if status == 201:
+                    break
+                assert status == 503 and time.monotonic() < deadline, body
+                await asyncio.sleep(0.1)
+        status, _ = await b.request(session, "DELETE", f"{DPS_PATH}/v0alpha1.{before}")
+        assert status == 200
+        for bridge in (a, b):
+            for group in groups:
+                await serves_within(bridge, session, group, PROPAGATION_LIMIT)
+            await unmounted_within(bridge, session, before, PROPAGATION_LIMIT)
