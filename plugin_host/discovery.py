@@ -26,6 +26,8 @@ from plugin_host.signature import (
     compute_signature,
     inherit_signature,
     loading_decision,
+    manifest_digest,
+    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class LoadErrorCode(StrEnum):
     EXECUTABLE_NOT_EXECUTABLE = "executableNotExecutable"
     EXECUTABLE_WRONG_FORMAT = "executableWrongFormat"
     EXECUTABLE_WRONG_ARCHITECTURE = "executableWrongArchitecture"
+    UNSAFE_PERMISSIONS = "unsafePermissions"
 
 
 _SIGNATURE_CODES = {
@@ -92,6 +95,9 @@ class PluginSpec:
     parent_id: str | None = None
     children: tuple[str, ...] = ()
     class_: PluginClass = PluginClass.EXTERNAL
+    # What the executable must hash to at every (re)start: the manifest's SHA-256 for a signed
+    # plugin, the one taken at discovery otherwise; None (unsigned in dev mode): not checked.
+    executable_sha256: str | None = None
 
     @property
     def id(self) -> str:
@@ -126,6 +132,7 @@ def discover(
     dev_mode: bool = False,
     grafana_root_url: str | None = None,
     platform: GoPlatform | None = None,
+    strict_permissions: bool = True,
 ) -> DiscoveryResult:
     """Scan plugin directories; every top-level subdirectory of each is one plugin source.
 
@@ -138,6 +145,7 @@ def discover(
         dev_mode=dev_mode,
         grafana_root_url=grafana_root_url,
         platform=platform or GoPlatform.current(),
+        strict_permissions=strict_permissions,
     )
     for plugins_dir in plugin_dirs:
         run.scan_plugins_dir(Path(os.path.abspath(plugins_dir)))
@@ -154,6 +162,7 @@ async def discover_async(
     dev_mode: bool = False,
     grafana_root_url: str | None = None,
     platform: GoPlatform | None = None,
+    strict_permissions: bool = True,
 ) -> DiscoveryResult:
     """:func:`discover` in a worker thread, so the event loop keeps serving meanwhile."""
     return await asyncio.to_thread(
@@ -164,6 +173,7 @@ async def discover_async(
         dev_mode=dev_mode,
         grafana_root_url=grafana_root_url,
         platform=platform,
+        strict_permissions=strict_permissions,
     )
 
 
@@ -253,7 +263,10 @@ class _Discovery:
         dev_mode: bool,
         grafana_root_url: str | None,
         platform: GoPlatform,
+        strict_permissions: bool = True,
     ) -> None:
+        self.strict_permissions = strict_permissions
+        self.plugins_dir: Path | None = None
         self.keyring = keyring
         self.allow_unsigned = allow_unsigned
         self.dev_mode = dev_mode
@@ -274,6 +287,7 @@ class _Discovery:
         return failure
 
     def scan_plugins_dir(self, plugins_dir: Path) -> None:
+        self.plugins_dir = plugins_dir
         try:
             sources = plugin_sources(plugins_dir)
         except OSError as exc:
@@ -399,6 +413,7 @@ class _Discovery:
             self.warnings.append(decision.warning)
 
         executable = None
+        digest: str | None = None
         if plugin_json.backend:
             executable = directory / executable_name(
                 plugin_json.executable or "",
@@ -410,13 +425,38 @@ class _Discovery:
             if problem is not None:
                 reason, code = problem
                 return self.error(plugin_json.id, executable, reason, code)
+            unsafe = (
+                check_permissions(executable, directory, self.plugins_dir)
+                if self.strict_permissions
+                else None
+            )
+            if unsafe is not None:
+                path, reason = unsafe
+                return self.error(plugin_json.id, path, reason, LoadErrorCode.UNSAFE_PERMISSIONS)
+            try:
+                digest = self.executable_digest(executable, signature)
+            except OSError as exc:
+                reason = f"executable {executable} cannot be read: {exc.strerror or exc}"
+                return self.error(
+                    plugin_json.id, executable, reason, LoadErrorCode.EXECUTABLE_NOT_EXECUTABLE
+                )
         return PluginSpec(
             plugin_json=plugin_json,
             directory=directory,
             executable=executable,
             signature=signature,
             parent_id=parent_id,
+            executable_sha256=digest,
         )
+
+    def executable_digest(self, executable: Path, signature: PluginSignature) -> str | None:
+        """What ``executable`` must hash to whenever it is started (see PluginSpec)."""
+        listed = manifest_digest(signature, executable)
+        if listed is not None:
+            return listed
+        if self.dev_mode and signature.status is SignatureStatus.UNSIGNED:
+            return None  # rebuilt in place while developing: run whatever is there
+        return sha256_file(executable)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,6 +511,85 @@ def check_executable(path: Path, platform: GoPlatform) -> tuple[str, LoadErrorCo
             LoadErrorCode.EXECUTABLE_WRONG_ARCHITECTURE,
         )
     return None
+
+
+_MAX_CHECKED_ENTRIES = 20_000
+
+
+def check_permissions(
+    executable: Path, directory: Path, plugins_dir: Path | None = None
+) -> tuple[Path, str] | None:
+    """The first path that lets someone else change what runs as a plugin, and why; or None.
+
+    As sshd's ``StrictModes``: the executable, every directory above it up to ``/``, and
+    every file and directory in the plugin's directory must be owned by root or by the user
+    the bridge runs as, and must not be writable by group or others. A directory above the
+    plugins directory with the sticky bit (``/tmp``) may be world-writable: nobody else can
+    rename what it holds. (The plugins directory itself may not: anyone could add a plugin.)
+    ``plugins.strict_permissions: false`` turns the check off (docs/security.md).
+    """
+    me = os.geteuid()
+    real = Path(os.path.realpath(executable))
+    inside = {Path(os.path.realpath(directory))}
+    if plugins_dir is not None:
+        inside.add(Path(os.path.realpath(plugins_dir)))
+    chain = [real, *real.parents]
+    # Sticky is no excuse from the plugins directory down to the executable.
+    lowest_allowed = max((chain.index(p) for p in inside if p in chain), default=0) + 1
+    for index, path in enumerate(chain):
+        problem = _unsafe(path, me, allow_sticky=index >= lowest_allowed)
+        if problem is not None:
+            return path, problem
+    root = Path(os.path.realpath(directory))
+    checked = 0
+    for current, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
+        for name in (*dirs, *files):
+            checked += 1
+            if checked > _MAX_CHECKED_ENTRIES:
+                return None
+            path = Path(current) / name
+            problem = _unsafe(path, me, allow_sticky=False, follow=False)
+            if problem is not None:
+                return path, problem
+    return None
+
+
+def _unsafe(path: Path, me: int, *, allow_sticky: bool, follow: bool = True) -> str | None:
+    try:
+        info = path.stat() if follow else path.lstat()
+    except OSError as exc:
+        return f"cannot check permissions of {path}: {exc.strerror}"
+    if stat.S_ISLNK(info.st_mode):
+        return None  # the link itself cannot be written; where it points is checked on use
+    what = "directory" if stat.S_ISDIR(info.st_mode) else "file"
+    if info.st_uid not in (0, me):
+        return (
+            f"refusing to run a plugin from here: {what} {path} is owned by uid "
+            f"{info.st_uid}{_user_name(info.st_uid)}, not by root or by the bridge's user (uid "
+            f"{me}), so that user could change what the bridge executes; fix the ownership "
+            f"(chown) or set plugins.strict_permissions: false"
+        )
+    sticky_ok = allow_sticky and stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & 0o022 and not sticky_ok:
+        who = " and ".join(
+            w for w, bit in (("group", 0o020), ("others", 0o002)) if info.st_mode & bit
+        )
+        return (
+            f"refusing to run a plugin from here: {what} {path} is writable by {who} (mode "
+            f"{stat.filemode(info.st_mode)}), so they could change what the bridge executes; "
+            f"run chmod go-w {path}, or set plugins.strict_permissions: false"
+        )
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd  # noqa: PLC0415 - POSIX only
+
+        return f" ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        return ""
 
 
 def _missing_executable(path: Path, platform: GoPlatform) -> str:

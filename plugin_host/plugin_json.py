@@ -53,6 +53,8 @@ def parse_plugin_json(text: str | bytes) -> PluginJSON:
         ) from exc
     except UnicodeDecodeError as exc:
         raise PluginJSONError(f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except RecursionError:
+        raise PluginJSONError("invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise PluginJSONError(f"top level must be a JSON object, got {_json_type(doc)}")
     try:
@@ -105,6 +107,8 @@ def plugin_json_from_dict(doc: Mapping[str, Any]) -> PluginJSON:
 def _check_executable_prefix(executable: str) -> None:
     # Grafana joins this onto the plugin directory unchecked; we refuse anything that could
     # name a binary outside it, since the host would exec whatever that resolves to.
+    if "\0" in executable:  # no file name holds one; os.stat would raise ValueError on it
+        raise PluginJSONError(f'"executable" must not contain a NUL character, got {executable!r}')
     path = PurePosixPath(executable.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or executable.startswith("~"):
         raise PluginJSONError(

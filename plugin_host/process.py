@@ -17,12 +17,14 @@ import ctypes
 import errno
 import logging
 import os
+import pwd
 import shutil
 import signal
 import stat
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -61,6 +63,46 @@ if PARENT_DEATH_SIGNAL_VIA == "preexec_fn":
         "false",
         "no",
     ) and ("grpc" not in sys.modules or _already_set)
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    """The unprivileged user plugin processes run as (``plugins.run_as_user``)."""
+
+    user: str
+    uid: int
+    gid: int
+
+
+def resolve_run_as(user: str) -> RunAs:
+    """``user`` as a :class:`RunAs`, or a ValueError saying why plugins cannot run as it.
+
+    Only root can start processes as another user; running as root, util-linux's ``setpriv``
+    switches to the user (``--reuid/--regid/--init-groups``) before it execs the plugin.
+    """
+    if not _LINUX or _SETPRIV is None:
+        raise ValueError("running plugins as another user needs Linux and setpriv (util-linux)")
+    try:
+        entry = pwd.getpwnam(user) if not user.isdigit() else pwd.getpwuid(int(user))
+    except KeyError:
+        raise ValueError(f"no such user {user!r}") from None
+    if entry.pw_uid == 0:
+        raise ValueError(f"user {user!r} is root; name an unprivileged user")
+    if os.geteuid() != 0:
+        raise ValueError(
+            f"the bridge runs as uid {os.geteuid()}, not root, so it cannot start plugins as "
+            f"{user!r}; unset plugins.run_as_user or start the bridge as root"
+        )
+    return RunAs(user=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+
+
+def _give_workdir(workdir: Path, run_as: RunAs) -> None:
+    """Hand the plugin's private directory to its user; its parent only needs to be passable."""
+    os.chown(workdir, run_as.uid, run_as.gid)
+    parent = workdir.parent.stat().st_mode
+    if parent & 0o001 == 0:
+        os.chmod(workdir.parent, stat.S_IMODE(parent) | 0o011)  # noqa: S103 - search only, no read or write
+
 
 # setpriv reports a failed exec on stderr and exits with these (util-linux's EX_EXEC_*).
 _SETPRIV_EXEC_FAILED = (126, 127)
@@ -272,6 +314,7 @@ class PluginProcess:
         start_timeout: float = 60.0,
         args: tuple[str, ...] = (),
         cwd: Path | None = None,
+        run_as: RunAs | None = None,
     ) -> PluginProcess:
         """Spawn the binary and wait for its handshake.
 
@@ -281,8 +324,10 @@ class PluginProcess:
         """
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)  # noqa: ASYNC240 - tmpfs, microseconds
         try:
+            if run_as is not None:
+                _give_workdir(workdir, run_as)
             process = await cls._spawn(
-                plugin_id, executable, args=args, env=env, workdir=workdir, cwd=cwd
+                plugin_id, executable, args=args, env=env, workdir=workdir, cwd=cwd, run_as=run_as
             )
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -311,13 +356,19 @@ class PluginProcess:
         env: Mapping[str, str],
         workdir: Path,
         cwd: Path | None,
+        run_as: RunAs | None = None,
     ) -> PluginProcess:
         _check_executable(plugin_id, executable)
         loop = asyncio.get_running_loop()
         pipes = _PluginPipes(plugin_id, loop)
         argv = [str(executable), *args]
         preexec: Callable[[], None] | None = None
-        if _SETPRIV is not None:
+        if run_as is not None:
+            if _SETPRIV is None:
+                raise PluginSpawnError(plugin_id, "plugins.run_as_user needs setpriv (util-linux)")
+            switch = [f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--init-groups"]
+            argv = [_SETPRIV, *switch, "--pdeathsig", "KILL", "--", *argv]
+        elif _SETPRIV is not None:
             argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         elif _prctl is not None:
             _warn_about_fork_support()

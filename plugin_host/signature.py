@@ -50,6 +50,10 @@ class PluginSignature:
     signed_by_org_name: str | None = None
     key_id: str | None = None
     inherited_from: str | None = None
+    # A valid manifest's SHA-256 per file, relative to ``manifest_dir`` (a nested plugin keeps
+    # its parent's), so a file can be checked against the manifest again before it runs.
+    files: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+    manifest_dir: Path | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -92,6 +96,34 @@ def sha256_file(path: Path, *, chunk_size: int = HASH_CHUNK) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def manifest_digest(signature: PluginSignature, path: Path) -> str | None:
+    """The SHA-256 a valid signature's manifest lists for ``path``; None if it lists none."""
+    if signature.status is not SignatureStatus.VALID or signature.manifest_dir is None:
+        return None
+    try:
+        relative = path.relative_to(signature.manifest_dir).as_posix()
+    except ValueError:
+        return None
+    return signature.files.get(relative)
+
+
+def executable_changed(path: Path, expected_sha256: str) -> str | None:
+    """Why ``path`` must not run: it no longer hashes to ``expected_sha256``; None if it does.
+
+    Blocking (hashes the file): call it from a thread when on the event loop.
+    """
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        return f"cannot re-check executable {path} before starting it: {exc.strerror or exc}"
+    if actual != expected_sha256:
+        return (
+            f"executable {path} changed on disk since it was verified (sha256 {actual[:16]}, "
+            f"expected {expected_sha256[:16]}); refusing to run it"
+        )
+    return None
 
 
 def collect_plugin_files(plugin_dir: Path) -> frozenset[str]:
@@ -172,6 +204,8 @@ def read_manifest(data: bytes, keyring: KeyRing) -> Manifest:
         ) from exc
     except UnicodeDecodeError as exc:
         raise ManifestError(f"manifest is not UTF-8 text: {exc.reason}") from exc
+    except RecursionError:
+        raise ManifestError("manifest JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ManifestError("manifest JSON is not an object")
     manifest = _manifest_from_json(body, signer)
@@ -311,6 +345,8 @@ def compute_signature(
         signed_by_org=manifest.signed_by_org,
         signed_by_org_name=manifest.signed_by_org_name,
         key_id=manifest.key_id,
+        files=manifest.files,
+        manifest_dir=plugin_dir,
     )
 
 

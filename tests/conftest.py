@@ -18,6 +18,10 @@ PY_FIXTURE_DIR = FIXTURE_PLUGINS / "python-datasource"
 GO_FIXTURE_DIR = FIXTURE_PLUGINS / "go-datasource"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
+# The reliability suites' marker and the summary of their figures (printed by the controller
+# under -n, which never loads tests/reliability/conftest.py).
+pytest_plugins = ["tests.reliability.summary"]
+
 # Bridges started by tests keep DataPlaneServices in memory, not in ./data/bridge.db; the
 # storage tests open their own SQLite files and etcd servers.
 os.environ.setdefault("BRIDGE_STORAGE__BACKEND", "memory")
