@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from bridge.apiserver import register_routes
+from bridge.limits import limits_middleware, server_kwargs
 from bridge.server import Bridge
 from bridge.status import StatusError, from_plugin_error, status_response
 from plugin_host.errors import PluginError
@@ -47,8 +49,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def build_app(bridge: Bridge) -> web.Application:
+    limits = bridge.config.limits
+    checks = limits_middleware(
+        max_url_bytes=limits.max_url_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_headers=limits.max_headers,
+    )
     app = web.Application(
-        middlewares=[errors_middleware], client_max_size=bridge.config.limits.max_body_bytes
+        middlewares=[errors_middleware, checks], client_max_size=limits.max_body_bytes
     )
     app[BRIDGE_KEY] = bridge
     own: dict[str, Handler] = {
@@ -66,7 +74,24 @@ def build_app(bridge: Bridge) -> web.Application:
     register_routes(app.router, bridge.api)
     app.router.add_route("*", "/{tail:.*}", front_door)
     app.cleanup_ctx.append(_bridge_context)
+    # Shutdown runs before aiohttp waits for in-flight handlers: stream subscribers are told
+    # 1001 now, instead of being cut off when server.shutdown_grace runs out.
+    app.on_shutdown.append(_close_streams)
     return app
+
+
+async def _close_streams(app: web.Application) -> None:
+    await app[BRIDGE_KEY].streams.close()
+
+
+def handler_kwargs(bridge: Bridge) -> dict[str, Any]:
+    """aiohttp request-handler options for this bridge (its parser backstops), for the runner."""
+    limits = bridge.config.limits
+    return server_kwargs(
+        max_url_bytes=limits.max_url_bytes,
+        max_header_bytes=limits.max_header_bytes,
+        max_headers=limits.max_headers,
+    )
 
 
 async def _bridge_context(app: web.Application) -> AsyncIterator[None]:

@@ -12,10 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bridge.auth import AuthSettings
 from bridge.delegate import DelegateSettings
+from bridge.dsproxy.settings import DatasourceProxySettings
 from bridge.provisioning import ProvisioningSettings
 from bridge.storage.factory import StorageSettings
 from plugin_host.handshake import GrafanaIdentity
 from plugin_host.host import HostConfig
+from plugin_host.process import resolve_run_as
 from plugin_host.supervisor import RestartPolicy, SupervisorOptions
 
 ENV_PREFIX = "BRIDGE_"
@@ -35,6 +37,9 @@ class ServerSettings(_Section):
     shutdown_grace: float = Field(default=10.0, ge=0)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Client certificates signed by this CA authenticate (CN = login, O = groups); bridge/tls.py.
+    client_ca: Path | None = None
+    client_auth: Literal["optional", "required"] = "optional"
 
     @field_validator("listen")
     @classmethod
@@ -76,12 +81,34 @@ class PluginsSettings(_Section):
     health_failures: int = Field(default=3, ge=1)
     stats_interval: float = Field(default=5.0, gt=0)
     memory_limit_mb: int | None = Field(default=None, gt=0)
+    # The largest gRPC message a plugin may send (or be sent), in MiB; per plugin id below.
+    max_message_mb: int = Field(default=256, ge=1, le=2047)
+    message_mb_per_plugin: dict[str, int] = Field(default_factory=dict)
     restart: RestartSettings = RestartSettings()
     forward_host_env: bool = True
     disabled: frozenset[str] = frozenset()
     settings: dict[str, dict[str, str]] = Field(default_factory=dict)
     env: dict[str, dict[str, str]] = Field(default_factory=dict)
     attach: dict[str, str] = Field(default_factory=dict)
+    # docs/security.md: refuse binaries in group/world-writable or foreign-owned directories.
+    strict_permissions: bool = True
+    # Run plugin processes as this user (the bridge must run as root); see plugin_host/process.py.
+    run_as_user: str | None = None
+
+    @field_validator("run_as_user")
+    @classmethod
+    def _run_as(cls, value: str | None) -> str | None:
+        if value is not None:
+            resolve_run_as(value)  # a clear error now, not at the first plugin start
+        return value
+
+    @field_validator("message_mb_per_plugin")
+    @classmethod
+    def _message_limits(cls, value: dict[str, int]) -> dict[str, int]:
+        for plugin_id, mb in value.items():
+            if not 1 <= mb <= 2047:
+                raise ValueError(f"{plugin_id}: expected 1 … 2047 (MiB), got {mb}")
+        return value
 
 
 class GrafanaSettings(_Section):
@@ -104,6 +131,32 @@ class DataPlaneSettings(_Section):
 class LimitsSettings(_Section):
     # The SDK's gRPC server refuses messages over 16 MiB, so a larger body could never arrive.
     max_body_bytes: int = Field(default=16 * 2**20, gt=0)
+    # bridge/limits.py: 414/431 Status beyond these; aiohttp's parser stops at twice them.
+    max_url_bytes: int = Field(default=8192, ge=256)
+    max_header_bytes: int = Field(default=8190, ge=256)
+    max_headers: int = Field(default=128, ge=16)
+    # Calls in flight per plugin (streams excepted); beyond: 429 + Retry-After, never a queue.
+    max_calls_per_plugin: int = Field(default=100, ge=1)
+    calls_per_plugin: dict[str, int] = Field(default_factory=dict)
+
+
+class StreamsSettings(_Section):
+    """Grafana Live streams (docs/streams.md)."""
+
+    # Messages waiting for one subscriber; past it, `overflow` decides.
+    buffer_size: int = Field(default=256, ge=1)
+    # "drop_oldest": the subscriber loses its oldest waiting message; "disconnect": it is closed.
+    overflow: Literal["drop_oldest", "disconnect"] = "drop_oldest"
+    max_subscribers: int = Field(default=1000, ge=1)
+    # Largest message a client may send (WebSocket message, POST body or ?data=).
+    max_message_bytes: int = Field(default=65536, gt=0)
+    # Seconds between SSE heartbeat comments on an idle stream.
+    heartbeat: float = Field(default=15.0, gt=0)
+    # Seconds between WebSocket pings; a client whose pong is not back within half of it is
+    # disconnected. None: no pings.
+    ws_ping: float | None = Field(default=25.0, gt=0)
+    restart_backoff: float = Field(default=0.5, gt=0)
+    restart_max_backoff: float = Field(default=10.0, gt=0)
 
 
 class LoggingSettings(_Section):
@@ -123,6 +176,8 @@ class BridgeConfig(_Section):
     dataplane: DataPlaneSettings = DataPlaneSettings()
     storage: StorageSettings = StorageSettings()
     limits: LimitsSettings = LimitsSettings()
+    datasource_proxy: DatasourceProxySettings = DatasourceProxySettings()
+    streams: StreamsSettings = StreamsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     def grafana_identity(self) -> GrafanaIdentity:
@@ -151,12 +206,16 @@ class BridgeConfig(_Section):
                 stats_interval=p.stats_interval,
                 memory_limit_bytes=p.memory_limit_mb * 2**20 if p.memory_limit_mb else None,
                 restart=RestartPolicy(**p.restart.model_dump()),
+                run_as=resolve_run_as(p.run_as_user) if p.run_as_user else None,
+                max_message_bytes=p.max_message_mb * 2**20,
             ),
+            message_limits={k: v * 2**20 for k, v in p.message_mb_per_plugin.items()},
             plugin_settings=p.settings,
             plugin_env=p.env,
             attach=p.attach,
             forward_host_env=p.forward_host_env,
             disabled=p.disabled,
+            strict_permissions=p.strict_permissions,
         )
 
 
@@ -221,6 +280,7 @@ _PATH_KEYS: tuple[tuple[str, str], ...] = (
     ("plugins", "public_keys"),
     ("server", "tls_cert"),
     ("server", "tls_key"),
+    ("server", "client_ca"),
     ("provisioning", "directories"),
     ("dataplane", "manifests"),
     ("auth", "token_file"),

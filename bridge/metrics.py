@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import perf_counter
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -64,6 +65,15 @@ class BridgeMetrics:
             registry=self.registry,
         )
         self.registry.register(_PluginCollector(statuses))
+        # The bridge process itself (RSS, fds, CPU) and its event loop's task count: what the
+        # soak and chaos suites watch for leaks (docs/reliability.md).
+        ProcessCollector(registry=self.registry)
+        self.asyncio_tasks = Gauge(
+            "grafana_bridge_asyncio_tasks",
+            "asyncio tasks alive on the bridge's event loop (sampled at scrape time).",
+            registry=self.registry,
+        )
+        self.asyncio_tasks.set_function(_asyncio_tasks)
 
     def observe_delegated(self, method: str, code: int, seconds: float) -> None:
         self.delegated.labels(method, str(code)).inc()
@@ -137,3 +147,10 @@ class _PluginCollector(Collector):
                 cpu.add_metric((pid,), status.stats.cpu_percent)
                 fds.add_metric((pid,), float(status.stats.open_fds))
         yield from (state, restarts, rss, cpu, fds, exit_code)
+
+
+def _asyncio_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped from a thread without a running loop
+        return float("nan")

@@ -53,6 +53,8 @@ def parse_query_body(body: bytes, *, now: datetime | None = None) -> ParsedQuery
         doc = json.loads(body, parse_constant=_not_json)
     except UnicodeDecodeError:
         raise bad_request("request body is not UTF-8 text") from None
+    except RecursionError:
+        raise bad_request("request body is not valid JSON: nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise bad_request(
             f"request body is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"

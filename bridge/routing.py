@@ -8,6 +8,7 @@ not depend on how many services are registered.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable, Mapping
@@ -92,6 +93,10 @@ _QUERY = frozenset({"POST"})
 _READ = frozenset({"GET", "HEAD"})
 
 
+# A table is rebuilt whole on every change; most services in it are unchanged, so their
+# routes come from here (DataPlaneService is frozen and hashable). Bounded: large registries
+# just recompute the tail.
+@functools.lru_cache(maxsize=16384)
 def routes_for(service: DataPlaneService) -> tuple[Route, ...]:
     """Every route a DataPlaneService mounts under ``/apis/{group}/{version}``."""
     ns = ("namespaces", "{namespace}")

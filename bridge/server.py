@@ -19,11 +19,17 @@ from bridge.controllers.autoregister import auto_register
 from bridge.controllers.availability import AvailabilityController
 from bridge.controllers.registration import RegistrationController
 from bridge.delegate import Delegate
+from bridge.dsproxy import DatasourceProxy
+from bridge.handlers.admission import handle_mutate, handle_validate
 from bridge.handlers.base import Call, Deps, Handler
+from bridge.handlers.conversion import handle_conversion
 from bridge.handlers.health import handle_health
+from bridge.handlers.proxy import handle_proxy
 from bridge.handlers.query import handle_query
 from bridge.handlers.resource import handle_resource
+from bridge.handlers.stream import handle_stream
 from bridge.identity import Identity, OrgRole, namespace_for_org
+from bridge.limits import PluginConcurrency
 from bridge.manifests import ManifestSet, ManifestWatcher
 from bridge.metrics import BridgeMetrics
 from bridge.plugin_context import default_grafana_config
@@ -33,16 +39,29 @@ from bridge.status import StatusError
 from bridge.storage import StoreError
 from bridge.storage.factory import make_store
 from bridge.storage.sqlite import SQLiteStore
+from bridge.streams import StreamHub
 from plugin_host.errors import PluginError
 from plugin_host.host import PluginHost
 
 log = logging.getLogger(__name__)
+
+# Not counted against limits.max_calls_per_plugin: they last as long as the client listens
+# (the Kubernetes API server exempts watches from max-in-flight the same way).
+# Not counted against limits.max_calls_per_plugin: streams are long-running (as watches are
+# exempt from the Kubernetes API server's max-in-flight limit), and the datasource proxy never
+# calls the plugin process (it has its own bounds: datasource_proxy.max_connections, timeout).
+UNCOUNTED = frozenset({Endpoint.STREAM, Endpoint.PROXY})
 
 HANDLERS: Mapping[Endpoint, Handler] = {
     Endpoint.QUERY: handle_query,
     Endpoint.HEALTH: handle_health,
     Endpoint.RESOURCE: handle_resource,
     Endpoint.ROUTE: handle_resource,
+    Endpoint.STREAM: handle_stream,
+    Endpoint.VALIDATE: handle_validate,
+    Endpoint.MUTATE: handle_mutate,
+    Endpoint.CONVERSION: handle_conversion,
+    Endpoint.PROXY: handle_proxy,
 }
 
 
@@ -75,6 +94,7 @@ class Bridge:
             plugins=self.host.registry.statuses,
             load_errors=self._load_errors,
             ping=self._ping,
+            parsed=self.registration.parsed,
             resync=config.dataplane.availability_resync,
         )
         self.host.registry.add_listener(self.availability.poke)
@@ -90,11 +110,31 @@ class Bridge:
             grafana=grafana,
             grafana_config=default_grafana_config(grafana),
         )
+        self.streams = StreamHub(
+            config.streams, client=self.host.registry.client, metrics=self.metrics
+        )
+        self.datasource_proxy = DatasourceProxy(
+            config.datasource_proxy,
+            datasources=lambda org_id, uid, plugin_id: self.provisioning.datasource(
+                org_id, uid, plugin_id=plugin_id
+            ),
+            routes=self._plugin_routes,
+            user_agent=f"Grafana/{config.grafana.version}",
+            max_body_bytes=config.limits.max_body_bytes,
+            registry=self.metrics.registry,
+        )
         self.deps = Deps(
             client=self.host.registry.client,
             contexts=contexts,
             metrics=self.metrics,
             call_timeout=config.plugins.call_timeout,
+            streams=self.streams,
+            datasource_proxy=self.datasource_proxy,
+            concurrency=PluginConcurrency(
+                config.limits.max_calls_per_plugin,
+                config.limits.calls_per_plugin,
+                registry=self.metrics.registry,
+            ),
         )
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -102,7 +142,10 @@ class Bridge:
 
     def set_services(self, services: list[DataPlaneService]) -> RouteTable:
         table = RouteTable.build(services)
+        before = self.routes.conflicts
         for loser, winner in table.conflicts.items():
+            if before.get(loser) == winner:
+                continue  # already reported; its status says so too
             log.error(
                 "DataPlaneService %s is not served: %s already claims its group and version",
                 loser,
@@ -155,6 +198,10 @@ class Bridge:
         except StoreError as exc:
             log.warning("auto-registration skipped: storage unavailable (%s)", exc.message)
 
+    def _plugin_routes(self, plugin_id: str) -> tuple[Mapping[str, Any], ...] | None:
+        spec = self.host.discovery.get(plugin_id)
+        return spec.plugin_json.routes if spec is not None else None
+
     def _plugin_version(self, plugin_id: str) -> str:
         spec = self.host.discovery.get(plugin_id)
         return (spec.version or "") if spec is not None else ""
@@ -186,7 +233,10 @@ class Bridge:
             # Service types this bridge does not serve yet fall through, as upstream's do.
             return await self.delegate.proxy(request)
         call = await self._authorize(request, resolved)
-        return await handler(call, self.deps)
+        if resolved.endpoint in UNCOUNTED:
+            return await handler(call, self.deps)
+        with self.deps.concurrency.slot(call.plugin_id):
+            return await handler(call, self.deps)
 
     async def _authorize(self, request: web.Request, match: Match) -> Call:
         identity = await require_identity(self.authenticator, request)
@@ -217,6 +267,7 @@ class Bridge:
         """Start everything; on failure (or cancellation) whatever started is stopped again."""
         try:
             await self.delegate.start()
+            await self.datasource_proxy.start()
             if isinstance(self.store, SQLiteStore):
                 await self.store.open()  # a bad database file stops start-up here
             await self.manifests.load()
@@ -238,9 +289,11 @@ class Bridge:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        await self.streams.close()  # subscribers get 1001; every RunStream is cancelled
         await self.availability.stop()
         await self.registration.stop()
         await self.manifests.stop()
         await self.host.stop()
         await self.delegate.close()
+        await self.datasource_proxy.close()
         await self.store.close()

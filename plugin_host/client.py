@@ -37,10 +37,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# go-plugin's client allows messages up to 2 GiB - 1 both ways; Grafana adds no limit.
+# go-plugin's client allows messages up to 2 GiB - 1 both ways and Grafana adds no limit; we
+# cap what a plugin may send us (plugins.max_message_mb), so one answer cannot exhaust memory.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 2**20
+MAX_MESSAGE_BYTES_CEILING = 2**31 - 1  # gRPC's own ceiling (a signed 32-bit length)
+
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.max_send_message_length", -1),
     # The plugin sits on a local socket: reconnect quickly after it restarts.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
@@ -58,16 +60,33 @@ PLUGINV2_SERVICES = (
 HEALTH_SERVICE = "plugin"
 
 
-def open_channel(target: str, *, own_connection: bool = False) -> grpc.aio.Channel:
+def open_channel(
+    target: str,
+    *,
+    own_connection: bool = False,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> grpc.aio.Channel:
     """An insecure channel to a plugin's socket, as Grafana uses (no AutoMTLS).
 
     With ``own_connection`` the channel never shares its connection with other channels to
     the same plugin: health checks on it do not queue behind long-running user calls.
+    ``max_message_bytes`` caps each message either way, clamped to 1 MiB … 2 GiB - 1; a
+    larger answer fails the call with :class:`MessageTooLarge` and leaves the plugin running.
     """
-    options = list(CHANNEL_OPTIONS)
+    limit = clamp_message_bytes(max_message_bytes)
+    options = [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        *CHANNEL_OPTIONS,
+    ]
     if own_connection:
         options.append(("grpc.use_local_subchannel_pool", 1))
     return grpc.aio.insecure_channel(target, options=options)
+
+
+def clamp_message_bytes(value: int) -> int:
+    """A message limit within what gRPC accepts and a plugin can usefully answer (≥ 1 MiB)."""
+    return max(2**20, min(value, MAX_MESSAGE_BYTES_CEILING))
 
 
 def map_rpc_error(exc: grpc.aio.AioRpcError, *, plugin_id: str, method: str) -> PluginError:

@@ -38,6 +38,9 @@ class HostConfig:
     attach: Mapping[str, str] = field(default_factory=dict)
     forward_host_env: bool = True
     disabled: frozenset[str] = frozenset()
+    strict_permissions: bool = True  # plugins.strict_permissions (docs/security.md)
+    # Per plugin id: the largest gRPC message, overriding supervisor.max_message_bytes.
+    message_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 class PluginHost:
@@ -67,6 +70,7 @@ class PluginHost:
                 allow_unsigned=self.config.allow_unsigned,
                 dev_mode=self.config.dev_mode,
                 grafana_root_url=self.config.grafana_root_url,
+                strict_permissions=self.config.strict_permissions,
             )
         except BaseException:
             self._loaded = False  # nothing was registered: a later call may try again
@@ -86,14 +90,23 @@ class PluginHost:
             if plugin_id in self.config.disabled:
                 log.info("plugin %s is disabled in the configuration", plugin_id)
             elif plugin_id not in self.registry:
-                self.registry.add(PluginTarget(plugin_id=plugin_id, attach_address=address))
+                self.registry.add(
+                    PluginTarget(
+                        plugin_id=plugin_id,
+                        attach_address=address,
+                        max_message_bytes=self.config.message_limits.get(plugin_id),
+                    )
+                )
         return self.discovery
 
     def _target(self, spec: PluginSpec) -> PluginTarget | None:
         attach = self.config.attach.get(spec.id)
         if attach is not None:
             return PluginTarget(
-                plugin_id=spec.id, plugin_version=spec.version or "", attach_address=attach
+                plugin_id=spec.id,
+                plugin_version=spec.version or "",
+                attach_address=attach,
+                max_message_bytes=self.config.message_limits.get(spec.id),
             )
         if spec.executable is None:
             return None
@@ -110,6 +123,8 @@ class PluginHost:
             plugin_version=spec.version or "",
             executable=spec.executable,
             env=env,
+            executable_sha256=spec.executable_sha256,
+            max_message_bytes=self.config.message_limits.get(spec.id),
         )
 
     async def start(self, *, wait: float | None = None) -> list[PluginStatus]:

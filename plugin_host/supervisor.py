@@ -33,7 +33,7 @@ from typing import Any, TypedDict, Unpack
 
 import psutil
 
-from plugin_host.client import BackendClient, open_channel
+from plugin_host.client import DEFAULT_MAX_MESSAGE_BYTES, BackendClient, open_channel
 from plugin_host.errors import (
     NotImplementedByPlugin,
     PluginError,
@@ -42,7 +42,8 @@ from plugin_host.errors import (
     describe_exit,
 )
 from plugin_host.logs import LineSplitter, PluginLogParser
-from plugin_host.process import PluginProcess
+from plugin_host.process import PluginProcess, RunAs
+from plugin_host.signature import executable_changed
 from protos.plugin import grpc_stdio_pb2
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class SupervisorOptions:
     stats_interval: float = 5.0
     memory_limit_bytes: int | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    run_as: RunAs | None = None  # plugins.run_as_user (docs/security.md)
+    # The largest gRPC message either way (plugins.max_message_mb); clamped by open_channel.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +115,10 @@ class PluginTarget:
     attach_address: str | None = None
     # Holds the host's environment, secrets included: kept out of reprs and logs.
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    # The SHA-256 the executable must still have at each (re)start; None: not checked.
+    executable_sha256: str | None = None
+    # Overrides SupervisorOptions.max_message_bytes for this plugin.
+    max_message_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if (self.executable is None) == (self.attach_address is None):
@@ -360,6 +368,13 @@ class PluginSupervisor:
         if self.target.attach_address is not None:
             return await self._attach(self.target.attach_address)
         assert self.target.executable is not None
+        if self.target.executable_sha256 is not None:
+            # What was verified is what runs: a binary replaced since is never started.
+            changed = await asyncio.to_thread(
+                executable_changed, self.target.executable, self.target.executable_sha256
+            )
+            if changed is not None:
+                return _Failure(_one_line(changed))
         deadline = time.monotonic() + self.options.start_timeout
         root = self._socket_root() if callable(self._socket_root) else self._socket_root
         # A fresh private directory per start: two plugins, or two runs, never share one.
@@ -371,6 +386,7 @@ class PluginSupervisor:
                 env=self.target.env,
                 workdir=workdir,
                 start_timeout=self.options.start_timeout,
+                run_as=self.options.run_as,
             )
         except PluginLaunchError as exc:
             return _Failure(_one_line(exc.message), exc.stderr_tail or None, exc.exit_code)
@@ -425,15 +441,16 @@ class PluginSupervisor:
         def unavailable() -> PluginError | None:
             return self._unavailable_error(client)
 
+        limit = self.target.max_message_bytes or self.options.max_message_bytes
         client = BackendClient(
             self.plugin_id,
-            open_channel(target),
+            open_channel(target, max_message_bytes=limit),
             default_timeout=self.options.call_timeout,
             unavailable=unavailable,
         )
         pinger = BackendClient(
             self.plugin_id,
-            open_channel(target, own_connection=True),
+            open_channel(target, own_connection=True, max_message_bytes=limit),
             default_timeout=self.options.health_timeout,
         )
         self._client, self._pinger = client, pinger

@@ -35,13 +35,22 @@ def judge(
     plugins: Mapping[str, PluginStatus],
     load_errors: Mapping[str, str],
     healthy: Mapping[str, bool],
+    parsed: DataPlaneService | InvalidObject | None = None,
 ) -> Verdict:
-    """What the Available condition of one object should say right now."""
+    """What the Available condition of one object should say right now.
+
+    ``parsed`` is the object's typed form when the caller already has it (the registration
+    controller keeps one per stored object); without it the object is parsed here.
+    """
     name = obj["metadata"]["name"]
-    try:
-        service = DataPlaneService.from_object(obj)
-    except InvalidObject as exc:
-        return Verdict("False", "Invalid", str(exc))
+    if parsed is None:
+        try:
+            parsed = DataPlaneService.from_object(obj)
+        except InvalidObject as exc:
+            parsed = exc
+    if isinstance(parsed, InvalidObject):
+        return Verdict("False", "Invalid", str(parsed))
+    service = parsed
     if name in table.conflicts:
         return Verdict(
             "False",
@@ -127,6 +136,7 @@ class AvailabilityController:
         plugins: Callable[[], list[PluginStatus]],
         load_errors: Callable[[], Mapping[str, str]],
         ping: Callable[[str], Awaitable[bool]],
+        parsed: Callable[[str], DataPlaneService | InvalidObject | None] = lambda _: None,
         resync: float = 10.0,
     ) -> None:
         self._store = store
@@ -135,6 +145,7 @@ class AvailabilityController:
         self._plugins = plugins
         self._load_errors = load_errors
         self._ping = ping
+        self._parsed = parsed
         self._resync = resync
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -177,7 +188,12 @@ class AvailabilityController:
         written = 0
         for obj in list(self._objects().values()):
             verdict = judge(
-                obj, table=table, plugins=plugins, load_errors=load_errors, healthy=healthy
+                obj,
+                table=table,
+                plugins=plugins,
+                load_errors=load_errors,
+                healthy=healthy,
+                parsed=self._parsed(obj["metadata"]["name"]),
             )
             updated = with_condition(obj, verdict, now=datetime.now(UTC))
             if updated is None:

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from aiohttp import web
 
 from bridge.identity import Identity
+from bridge.limits import PluginConcurrency
 from bridge.metrics import BridgeMetrics
 from bridge.routing import Match
 from plugin_host.client import BackendClient
 from protos.pluginv2 import backend_pb2 as pb
+
+if TYPE_CHECKING:
+    from bridge.dsproxy import DatasourceProxy
+    from bridge.streams import StreamHub
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,12 @@ class Deps:
     contexts: ContextSource
     metrics: BridgeMetrics
     call_timeout: float
+    # Grafana Live streams (bridge/streams.py); None: the stream endpoint answers 503.
+    streams: StreamHub | None = None
+    # Concurrent calls per plugin (limits.max_calls_per_plugin); Bridge.dispatch holds a slot.
+    concurrency: PluginConcurrency = field(default_factory=lambda: PluginConcurrency(100))
+    # The datasource-proxy service type (bridge/dsproxy); None: that endpoint answers 503.
+    datasource_proxy: DatasourceProxy | None = None
 
 
 Handler = Callable[[Call, Deps], Awaitable[web.StreamResponse]]

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
 
 from bridge.apis import API_VERSION, KIND
-from bridge.app import build_app
+from bridge.app import BRIDGE_KEY, build_app, handler_kwargs
 from bridge.config import BridgeConfig, load_config
 from bridge.server import Bridge
 from plugin_host.logs import plugin_logger
@@ -193,7 +193,11 @@ def free_port() -> int:
 @asynccontextmanager
 async def serving(app: web.Application) -> AsyncIterator[str]:
     """``app`` on a loopback port, run as the CLI runs the bridge; yields its base URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
+    # A bridge's app gets its limits.* parser backstops, as `grafana-bridge serve` gives them.
+    options = handler_kwargs(app[BRIDGE_KEY]) if BRIDGE_KEY in app else {}
+    runner = web.AppRunner(
+        app, handler_cancellation=True, access_log=None, shutdown_timeout=2, **options
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

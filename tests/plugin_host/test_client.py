@@ -11,9 +11,10 @@ import pyarrow as pa
 import pyarrow.ipc
 import pytest
 
-from plugin_host.client import BackendClient, open_channel
+from plugin_host.client import BackendClient, clamp_message_bytes, open_channel
 from plugin_host.errors import (
     ErrorSource,
+    MessageTooLarge,
     NotImplementedByPlugin,
     PluginInternalError,
     PluginTimeout,
@@ -293,6 +294,36 @@ async def test_huge_response_beyond_grpc_default_limit(short_tmp: Path) -> None:
     finally:
         await process.stop(grace=3.0, request_shutdown=client.shutdown)
         await client.close()
+
+
+async def test_an_answer_over_the_configured_limit_fails_only_that_call(short_tmp: Path) -> None:
+    process = await PluginProcess.start(
+        plugin_id=PY_FIXTURE_ID,
+        executable=PY_FIXTURE,
+        env=plugin_env(f"huge_response={3 * 2**20}"),
+        workdir=short_tmp / "p",
+    )
+    client = BackendClient(
+        PY_FIXTURE_ID,
+        open_channel(process.handshake.grpc_target, max_message_bytes=2 * 2**20),
+        default_timeout=10,
+    )
+    try:
+        request = pb.CallResourceRequest(pluginContext=ctx(), path="echo")
+        with pytest.raises(MessageTooLarge):
+            [m async for m in client.call_resource(request)]
+        # The plugin and the channel are still usable for calls within the limit.
+        health = await client.check_health(pb.CheckHealthRequest(pluginContext=ctx()))
+        assert health.status == pb.CheckHealthResponse.OK
+    finally:
+        await process.stop(grace=3.0, request_shutdown=client.shutdown)
+        await client.close()
+
+
+def test_message_limits_are_clamped_to_what_grpc_accepts() -> None:
+    assert clamp_message_bytes(0) == 2**20
+    assert clamp_message_bytes(64 * 2**20) == 64 * 2**20
+    assert clamp_message_bytes(2**40) == 2**31 - 1
 
 
 async def test_dead_plugin_is_unavailable(short_tmp: Path) -> None:

@@ -83,6 +83,56 @@ def status(state: PluginState, **extra: Any) -> PluginStatus:
     return PluginStatus(plugin_id="p", state=state, **extra)
 
 
+async def test_registration_rebuilds_only_when_what_is_served_changes() -> None:
+    store = MemoryStore()
+    builds: list[RouteTable] = []
+    rebuilt = asyncio.Event()
+
+    def apply(services: list[DataPlaneService]) -> RouteTable:
+        builds.append(RouteTable.build(services))
+        rebuilt.set()
+        return builds[-1]
+
+    controller = RegistrationController(store, apply=apply)
+    created = await store.create(obj("v1.a.example"))
+    controller.start()
+    try:
+        await asyncio.wait_for(controller.synced.wait(), 5)
+        assert len(builds) == 1
+        # A status write (what the availability controller does) and a label change leave
+        # the served form as it was: no rebuild, but the controller sees the new object.
+        status = copy.deepcopy(created)
+        status["status"] = {"conditions": [{"type": "Available", "status": "True"}]}
+        written = await store.update(
+            status, expected_version=int(created["metadata"]["resourceVersion"])
+        )
+        labelled = copy.deepcopy(written)
+        labelled["metadata"]["labels"] = {"team": "x"}
+        labelled = await store.update(
+            labelled, expected_version=int(written["metadata"]["resourceVersion"])
+        )
+        # Events are applied in order: once a later object's rebuild shows, these were seen.
+        rebuilt.clear()
+        await store.create(obj("v1.b.example"))
+        await asyncio.wait_for(rebuilt.wait(), 5)
+        assert len(builds) == 2  # the status and label writes before it built nothing
+        assert (
+            controller.objects()["v1.a.example"]["metadata"]["resourceVersion"]
+            == (labelled["metadata"]["resourceVersion"])
+        )
+        parsed = controller.parsed("v1.a.example")
+        assert isinstance(parsed, DataPlaneService) and parsed.plugin_id == "p"
+        # A spec change does rebuild.
+        moved = copy.deepcopy(labelled)
+        moved["spec"]["pluginID"] = "q"
+        rebuilt.clear()
+        await store.update(moved, expected_version=int(labelled["metadata"]["resourceVersion"]))
+        await asyncio.wait_for(rebuilt.wait(), 5)
+        assert {s.name: s.plugin_id for s in builds[-1].services()}["v1.a.example"] == "q"
+    finally:
+        await controller.stop()
+
+
 @pytest.mark.parametrize(
     ("plugins", "healthy", "conflict", "expected"),
     [
