@@ -1,0 +1,422 @@
+"""A real ``grafana-bridge serve`` subprocess for the chaos and soak suites, and a load generator.
+
+The bridge runs as an operator runs it: its own process, a YAML config, the fixture plugins as
+its children, token authentication, provisioning and DataPlaneService manifests on disk. Each
+plugin gets ``RELIABILITY_PLUGIN=<id>`` in its environment, so the suites can find (and signal)
+one plugin's process — and, after the bridge is gone, prove no plugin outlived it.
+
+The bridge's own figures come from its ``/metrics``: ``process_open_fds``,
+``process_resident_memory_bytes`` and ``grafana_bridge_asyncio_tasks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from tests.bridge.conftest import (
+    USERS,
+    dataplane_service,
+    datasource,
+    free_port,
+    python_fixture_as,
+    sample,
+    token_for,
+    write_datasources,
+    write_manifest,
+    write_token_file,
+)
+from tests.conftest import FIXTURE_PLUGINS
+
+GRAFANA_BRIDGE = Path(sys.executable).with_name("grafana-bridge")
+MARK = "RELIABILITY_PLUGIN"
+RUN_MARK = "RELIABILITY_RUN"
+ADMIN = {"Authorization": f"Bearer {token_for('admin')}"}
+VERSION = "v0alpha1"
+
+
+@dataclass(frozen=True)
+class PluginDef:
+    plugin_id: str
+    uid: str
+    group: str
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def query_path(self) -> str:
+        return f"/apis/{self.group}/{VERSION}/namespaces/default/datasources/{self.uid}/query"
+
+    def resource_path(self, rest: str) -> str:
+        return f"/apis/{self.group}/{VERSION}/namespaces/default/datasources/{self.uid}/resource/{rest}"
+
+
+PY = PluginDef("bridge-pyfixture-datasource", "py", "pyfixture.datasource.grafana.app")
+GO = PluginDef("bridge-gofixture-datasource", "go", "gofixture.datasource.grafana.app")
+
+
+def query_body(uid: str) -> bytes:
+    return json.dumps(
+        {
+            "from": "now-1h",
+            "to": "now",
+            "queries": [{"refId": "A", "datasource": {"uid": uid}, "maxDataPoints": 5}],
+        }
+    ).encode()
+
+
+def write_config(
+    root: Path,
+    *,
+    plugins: tuple[PluginDef, ...],
+    delegate: str | None,
+    storage: Mapping[str, Any],
+    plugin_settings: Mapping[str, Any] | None = None,
+) -> Path:
+    """A bridge config in ``root``; Python-fixture copies are made for ids other than PY/GO."""
+    extra_dir = root / "plugins"
+    extra_dir.mkdir(exist_ok=True)
+    for plugin in plugins:
+        if plugin.plugin_id not in (PY.plugin_id, GO.plugin_id):
+            python_fixture_as(extra_dir, plugin.plugin_id)
+    write_datasources(root / "provisioning", *(datasource(p.plugin_id, p.uid) for p in plugins))
+    write_manifest(
+        root / "dataplane",
+        "services.yaml",
+        *(dataplane_service(p.plugin_id, p.group) for p in plugins),
+    )
+    env = {p.plugin_id: {**p.env, MARK: p.plugin_id} for p in plugins}
+    config = {
+        "server": {"listen": f"127.0.0.1:{free_port()}", "shutdown_grace": 3},
+        "plugins": {
+            "directories": [str(FIXTURE_PLUGINS), str(extra_dir)],
+            "allow_unsigned": [p.plugin_id for p in plugins],
+            "start_timeout": 20,
+            "stop_grace": 1,
+            "env": env,
+            **(plugin_settings or {}),
+        },
+        "auth": {
+            "mode": "token",
+            "token_file": str(write_token_file(root)),
+            "users": {name: dict(grant) for name, grant in USERS.items()},
+        },
+        "provisioning": {"directories": [str(root / "provisioning")]},
+        "dataplane": {"manifests": [str(root / "dataplane")], "auto_register": "none"},
+        "delegate": {"url": delegate, "connect_timeout": 1, "read_timeout": 5},
+        "storage": dict(storage),
+        "logging": {"level": "warning"},
+    }
+    path = root / "bridge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def marked(run: str) -> list[psutil.Process]:
+    """Live processes (zombies excluded) of this run: the bridge's plugins carry ``run``."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(RUN_MARK) == run and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@dataclass
+class ServedBridge:
+    process: asyncio.subprocess.Process
+    url: str
+    run: str
+    log_path: Path
+    session: aiohttp.ClientSession
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def plugin_process(self, plugin_id: str) -> psutil.Process:
+        for process in marked(self.run):
+            try:
+                if process.environ().get(MARK) == plugin_id:
+                    return process
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError(f"no live process for {plugin_id}")
+
+    def plugin_processes(self) -> list[psutil.Process]:
+        return [p for p in marked(self.run) if p.pid != self.process.pid]
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.returncode is not None:
+                raise AssertionError(f"bridge exited {self.process.returncode}:\n{self.log}")
+            try:
+                async with self.session.get(f"{self.url}/readyz?verbose") as response:
+                    if response.status == 200 and "-]plugin" not in await response.text():
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"bridge not ready within {timeout}s:\n{self.log}")
+
+    async def figures(self) -> dict[str, float]:
+        """The bridge's own fds, RSS and asyncio tasks, from its /metrics."""
+        async with self.session.get(f"{self.url}/metrics") as response:
+            text = await response.text()
+        found = {
+            "fds": sample(text, "process_open_fds"),
+            "rss_mb": sample(text, "process_resident_memory_bytes"),
+            "tasks": sample(text, "grafana_bridge_asyncio_tasks"),
+        }
+        assert all(v is not None for v in found.values()), found
+        values = {k: float(v or 0) for k, v in found.items()}
+        values["rss_mb"] /= 2**20
+        return values
+
+    async def settled_figures(self, *, quiet: float = 1.0, samples: int = 5) -> dict[str, float]:
+        """Figures with no load running, after in-flight work drained: the lowest of a few."""
+        await asyncio.sleep(quiet)
+        taken = [await self.figures() for _ in range(samples)]
+        await asyncio.sleep(0)
+        return {k: min(t[k] for t in taken) for k in taken[0]}
+
+
+@asynccontextmanager
+async def serve_bridge(config: Path, root: Path) -> AsyncIterator[ServedBridge]:
+    """``grafana-bridge serve -c config``; SIGTERM at the end, and no plugin may outlive it."""
+    run = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env[RUN_MARK] = run
+    listen = yaml.safe_load(config.read_text())["server"]["listen"]
+    log_path = root / "bridge.log"
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            str(GRAFANA_BRIDGE),
+            "serve",
+            "-c",
+            str(config),
+            cwd=root,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    timeout = aiohttp.ClientTimeout(total=15)
+    # No keep-alive for probes and scrapes: an idle pooled connection is a live task and fd in
+    # the bridge, which would blur the leak figures. The load brings its own session.
+    connector = aiohttp.TCPConnector(force_close=True)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            bridge = ServedBridge(process, f"http://{listen}", run, log_path, session)
+            await bridge.wait_ready()
+            yield bridge
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 20)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def leftover_plugins(run: str, timeout: float = 5.0) -> int:
+    """Plugin processes of ``run`` still alive after the bridge exited (must be 0)."""
+    for _ in range(int(timeout / 0.1)):
+        if not marked(run):
+            return 0
+        await asyncio.sleep(0.1)
+    return len(marked(run))
+
+
+# -- load --------------------------------------------------------------------------------------
+
+Request = tuple[str, str, bytes | None]  # method, path, body
+
+
+@dataclass
+class LoadStats:
+    sent: int = 0
+    by_code: Counter[str] = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
+    longest: float = 0.0
+    longest_what: str = ""
+    bad: list[str] = field(default_factory=list)
+
+    @property
+    def succeeded(self) -> int:
+        return sum(n for code, n in self.by_code.items() if code.startswith("2"))
+
+
+async def one_request(
+    session: aiohttp.ClientSession,
+    url: str,
+    kind: str,
+    request: Request,
+    stats: LoadStats,
+    *,
+    deadline: float,
+    allowed: frozenset[int] = frozenset({502, 503, 504}),
+) -> int | None:
+    """Send one request; count it; record anything but success or an allowed Status."""
+    method, path, body = request
+    headers = {**ADMIN, "Content-Type": "application/json"} if body else ADMIN
+    started = time.monotonic()
+    stats.sent += 1
+    stats.by_kind[kind] += 1
+    code: int | None = None
+    try:
+        async with asyncio.timeout(deadline):
+            async with session.request(method, url + path, data=body, headers=headers) as reply:
+                code = reply.status
+                payload = await reply.read()
+        if not 200 <= code < 300:
+            doc: Any = json.loads(payload) if payload.startswith(b"{") else None
+            is_status = isinstance(doc, dict) and doc.get("kind") == "Status"
+            if code not in allowed or not is_status or b"Traceback" in payload:
+                stats.bad.append(f"{kind} {method} {path}: {code} {payload[:200]!r}")
+        stats.by_code[str(code)] += 1
+    except TimeoutError:
+        stats.by_code["hung"] += 1
+        stats.bad.append(f"{kind} {method} {path}: no answer within {deadline}s")
+    except aiohttp.ClientPayloadError as exc:
+        # A resource answer is streamed: once its status line is out, a plugin that dies
+        # mid-response can only cut the body short (the bridge closes the connection, as
+        # Grafana does) — never pass a truncated body off as complete.
+        stats.by_code["cut short"] += 1
+        if not (allowed and kind.startswith("resource") and code is not None and code < 300):
+            stats.bad.append(f"{kind} {method} {path}: {exc!r}")
+    except aiohttp.ClientError as exc:
+        stats.by_code["connection error"] += 1
+        stats.bad.append(f"{kind} {method} {path}: {exc!r}")
+    took = time.monotonic() - started
+    if took > stats.longest:
+        stats.longest, stats.longest_what = took, f"{kind} ({code})"
+    return code
+
+
+async def run_load(
+    url: str,
+    mix: list[tuple[str, Request]],
+    stats: LoadStats,
+    stop: asyncio.Event,
+    *,
+    workers: int,
+    deadline: float,
+    pause: float = 0.0,
+    allowed: frozenset[int] = frozenset({502, 503, 504}),
+) -> None:
+    """``workers`` loops sending the ``mix`` round-robin until ``stop`` is set.
+
+    They share one keep-alive session, closed at the end so that the bridge's connection
+    handlers for it end too before anyone counts tasks and fds.
+    """
+    async with aiohttp.ClientSession() as session:
+        await _load(
+            session,
+            url,
+            mix,
+            stats,
+            stop,
+            workers=workers,
+            deadline=deadline,
+            pause=pause,
+            allowed=allowed,
+        )
+
+
+async def _load(
+    session: aiohttp.ClientSession,
+    url: str,
+    mix: list[tuple[str, Request]],
+    stats: LoadStats,
+    stop: asyncio.Event,
+    *,
+    workers: int,
+    deadline: float,
+    pause: float,
+    allowed: frozenset[int],
+) -> None:
+
+    async def worker(offset: int) -> None:
+        index = offset
+        while not stop.is_set():
+            kind, request = mix[index % len(mix)]
+            index += 1
+            await one_request(
+                session, url, kind, request, stats, deadline=deadline, allowed=allowed
+            )
+            if pause:
+                await asyncio.sleep(pause)
+
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+
+
+async def recovery_time(
+    check: Callable[[], Awaitable[bool]], *, since: float, timeout: float = 30.0
+) -> float:
+    """Seconds from ``since`` until ``check`` first holds."""
+    while not await check():
+        if time.monotonic() - since > timeout:
+            raise AssertionError(f"not recovered within {timeout}s")
+        await asyncio.sleep(0.05)
+    return time.monotonic() - since
+
+
+class StandIn:
+    """A stand-in Grafana (``standin.py``) on a fixed port, as a process: stop and start it."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.reliability.standin",
+            str(self.port),
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            await writer.wait_closed()
+            return
+        raise AssertionError("the stand-in Grafana did not start")
+
+    async def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None and process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
