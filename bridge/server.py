@@ -253,7 +253,11 @@ class Bridge:
         )
 
     async def api_groups(self, request: web.Request) -> web.StreamResponse:
-        """``/apis``: the bridge's own API groups first, then the delegate's."""
+        """``/apis``: the bridge's own API groups first, then the delegate's.
+
+        Only for signed-in callers, as Kubernetes' discovery (the delegate checks again).
+        """
+        await require_identity(self.authenticator, request)
         document = await self.delegate.merged_api_groups(self.own_api_groups(), request.headers)
         return web.json_response(document)
 

@@ -107,6 +107,18 @@ class DataPlaneServiceAPI:
     async def _reader(self, request: web.Request) -> Identity:
         return await self._authenticate(request)
 
+    def signed_in(
+        self, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """``handler`` for any authenticated caller (discovery, OpenAPI); others get 401."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            await self._authenticate(request)
+            return await handler(request)
+
+        guarded.__name__ = getattr(handler, "__name__", "guarded")
+        return guarded
+
     async def _writer(
         self, request: web.Request, verb: str, name: str | None, subresource: str | None = None
     ) -> Identity:

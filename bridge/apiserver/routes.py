@@ -70,8 +70,11 @@ def register_routes(
     (whose root lists only this group; a server that merges several groups' OpenAPI mounts
     its own root and adds :func:`bridge.apiserver.openapi.v3_paths`).
     """
-    _add(router, GROUP_PATH, [("GET", discovery.group_handler)])
-    _add(router, VERSION_PATH, [("GET", discovery.group_version_handler)])
+    # Discovery and OpenAPI need a signed-in caller, as Kubernetes' system:discovery role is
+    # bound to system:authenticated; only /version is public (system:public-info-viewer).
+    signed_in = api.signed_in
+    _add(router, GROUP_PATH, [("GET", signed_in(discovery.group_handler))])
+    _add(router, VERSION_PATH, [("GET", signed_in(discovery.group_version_handler))])
     _add(
         router,
         COLLECTION_PATH,
@@ -86,6 +89,10 @@ def register_routes(
     if include_version:
         _add(router, "/version", [("GET", version)])
     if include_openapi:
-        _add(router, "/openapi/v2", [("GET", openapi.openapi_v2)])
-        _add(router, "/openapi/v3", [("GET", openapi.openapi_v3_root)])
-        _add(router, f"/openapi/v3/{openapi.V3_PATH}", [("GET", openapi.openapi_v3_group_version)])
+        _add(router, "/openapi/v2", [("GET", signed_in(openapi.openapi_v2))])
+        _add(router, "/openapi/v3", [("GET", signed_in(openapi.openapi_v3_root))])
+        _add(
+            router,
+            f"/openapi/v3/{openapi.V3_PATH}",
+            [("GET", signed_in(openapi.openapi_v3_group_version))],
+        )

@@ -7,7 +7,8 @@ docs/security.md ("Authorization matrix"). Callers:
 * ``anonymous``: no credentials (anonymous access is off, as Grafana's default);
 * ``viewer``/``editor``/``admin``: that role in org 1 (namespace ``default``);
 * ``server-admin``: a Grafana server admin who is only a Viewer in org 1;
-* ``other-org``: an Editor of org 2, calling into org 1's namespace.
+* ``other-org``: an Editor of org 2, calling into org 1's namespace;
+* ``other-org-admin``: an Admin of org 2 (a tenant: may not write cluster-wide objects).
 
 Plus: namespace/org mismatch both ways, and per-route ``reqRole`` on proxy routes.
 """
@@ -45,7 +46,15 @@ from tests.conftest import FIXTURE_PLUGINS
 
 ASYNC = pytest.mark.asyncio(loop_scope="module")
 
-CALLERS = ("anonymous", "viewer", "editor", "admin", "server-admin", "other-org")
+CALLERS = (
+    "anonymous",
+    "viewer",
+    "editor",
+    "admin",
+    "server-admin",
+    "other-org",
+    "other-org-admin",
+)
 # The token user behind each caller (None: no Authorization header).
 TOKEN_USER: Mapping[str, str | None] = {
     "anonymous": None,
@@ -54,6 +63,7 @@ TOKEN_USER: Mapping[str, str | None] = {
     "admin": "admin",
     "server-admin": "serveradmin",
     "other-org": "other",
+    "other-org-admin": "otheradmin",
 }
 GRANTS: Mapping[str, Mapping[str, Any]] = {
     "admin": {"org_id": 1, "role": "Admin"},
@@ -67,7 +77,8 @@ GRANTS: Mapping[str, Mapping[str, Any]] = {
 APP = "bridge-pymatrix-app"
 APP_GROUP = "matrix.app.grafana.app"
 DS = f"/apis/{PY_GROUP}/{VERSION}/namespaces/default/datasources/py"
-DPS = "/apis/aggregation.grafana.app/v0alpha1/dataplaneservices"
+DPS_VERSION = "/apis/aggregation.grafana.app/v0alpha1"
+DPS = f"{DPS_VERSION}/dataplaneservices"
 ALL_SERVICES = (
     {"type": "query"},
     {"type": "route"},
@@ -85,7 +96,7 @@ class Endpoint:
     path: str
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
-    sse: bool = False  # a long-lived answer: only the status line and headers are read
+    sse: bool = False  # a long-lived answer (SSE, watch): only the status line and headers are read
 
 
 def admission_review(namespace: str) -> dict[str, Any]:
@@ -125,10 +136,11 @@ CONVERSION_REVIEW = {
     },
 }
 
+NEW_NAME = "v0alpha1.matrix-new.datasource.grafana.app"
 NEW_SERVICE = {
     "apiVersion": API_VERSION,
     "kind": KIND,
-    "metadata": {"name": "v0alpha1.matrix-new.datasource.grafana.app"},
+    "metadata": {"name": NEW_NAME},
     "spec": {
         "pluginID": PY,
         "pluginType": "datasource",
@@ -137,6 +149,8 @@ NEW_SERVICE = {
         "services": [{"type": "query"}],
     },
 }
+# An update names the version it replaces (Kubernetes refuses one without: 422).
+UPDATED_SERVICE = {**NEW_SERVICE, "metadata": {"name": NEW_NAME, "resourceVersion": "1"}}
 QUERY = {
     "from": "now-1h",
     "to": "now",
@@ -178,6 +192,36 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DataPlaneService get", "GET", f"{DPS}/v0alpha1.nothing.example"),
     Endpoint("DataPlaneService create (dry run)", "POST", f"{DPS}?dryRun=All", body=NEW_SERVICE),
     Endpoint("DataPlaneService delete", "DELETE", f"{DPS}/v0alpha1.nothing.example"),
+    Endpoint("DataPlaneService watch", "GET", f"{DPS}?watch=true", sse=True),
+    Endpoint(
+        "DataPlaneService update (dry run)",
+        "PUT",
+        f"{DPS}/{NEW_NAME}?dryRun=All",
+        body=UPDATED_SERVICE,
+    ),
+    Endpoint(
+        "DataPlaneService patch (dry run)",
+        "PATCH",
+        f"{DPS}/{NEW_NAME}?dryRun=All",
+        body={"metadata": {"labels": {"x": "y"}}},
+        headers={"Content-Type": "application/merge-patch+json"},
+    ),
+    Endpoint(
+        "DataPlaneService status update (dry run)",
+        "PUT",
+        f"{DPS}/{NEW_NAME}/status?dryRun=All",
+        body=UPDATED_SERVICE,
+    ),
+    Endpoint(
+        "DataPlaneService delete collection (dry run, selects none)",
+        "DELETE",
+        f"{DPS}?dryRun=All&labelSelector=matrix%3Dnone",
+    ),
+    Endpoint("API discovery (/apis/aggregation.grafana.app/v0alpha1)", "GET", DPS_VERSION),
+    Endpoint("/apis", "GET", "/apis"),
+    Endpoint("/version", "GET", "/version"),
+    Endpoint("/openapi/v2", "GET", "/openapi/v2"),
+    Endpoint("/livez", "GET", "/livez"),
     Endpoint("/metrics", "GET", "/metrics"),
     Endpoint("/metrics/plugins/{id}", "GET", f"/metrics/plugins/{PY}"),
     Endpoint("/readyz", "GET", "/readyz"),
@@ -185,30 +229,52 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 )
 
 # endpoint → status per caller, in CALLERS order:
-#          anonymous viewer editor admin server-admin other-org
-MATRIX: Mapping[str, tuple[int, int, int, int, int, int]] = {
-    "query": (401, 200, 200, 200, 200, 403),
-    "resource": (401, 200, 200, 200, 200, 403),
-    "route (app, custom path)": (401, 200, 200, 200, 200, 403),
-    "health": (401, 200, 200, 200, 200, 403),
-    "stream (SSE)": (401, 200, 200, 200, 200, 403),
-    "datasource-proxy, reqRole Viewer": (401, 200, 200, 200, 200, 403),
-    "datasource-proxy, reqRole Admin": (401, 403, 403, 200, 200, 403),
-    "admission validate": (401, 200, 200, 200, 200, 403),
-    "admission mutate": (401, 200, 200, 200, 200, 403),
+#          anonymous viewer editor admin server-admin other-org other-org-admin
+MATRIX: Mapping[str, tuple[int, ...]] = {
+    "query": (401, 200, 200, 200, 200, 403, 403),
+    "resource": (401, 200, 200, 200, 200, 403, 403),
+    "route (app, custom path)": (401, 200, 200, 200, 200, 403, 403),
+    "health": (401, 200, 200, 200, 200, 403, 403),
+    "stream (SSE)": (401, 200, 200, 200, 200, 403, 403),
+    "datasource-proxy, reqRole Viewer": (401, 200, 200, 200, 200, 403, 403),
+    "datasource-proxy, reqRole Admin": (401, 403, 403, 200, 200, 403, 403),
+    "admission validate": (401, 200, 200, 200, 200, 403, 403),
+    "admission mutate": (401, 200, 200, 200, 200, 403, 403),
     # No namespace in a ConversionReview: it runs in the caller's own org.
-    "conversion": (401, 200, 200, 200, 200, 200),
+    "conversion": (401, 200, 200, 200, 200, 200, 200),
     # DataPlaneServices are cluster-scoped: every signed-in caller may read them.
-    "DataPlaneService list": (401, 200, 200, 200, 200, 200),
-    "DataPlaneService get": (401, 404, 404, 404, 404, 404),
-    "DataPlaneService create (dry run)": (401, 403, 403, 201, 201, 403),
-    "DataPlaneService delete": (401, 403, 403, 404, 404, 403),
+    "DataPlaneService list": (401, 200, 200, 200, 200, 200, 200),
+    "DataPlaneService get": (401, 404, 404, 404, 404, 404, 404),
+    "DataPlaneService create (dry run)": (401, 403, 403, 201, 201, 403, 403),
+    "DataPlaneService delete": (401, 403, 403, 404, 404, 403, 403),
     # The bridge's own operational endpoints are unauthenticated, as Grafana's /metrics is.
-    "/metrics": (200, 200, 200, 200, 200, 200),
-    "/metrics/plugins/{id}": (200, 200, 200, 200, 200, 200),
-    "/readyz": (200, 200, 200, 200, 200, 200),
+    "/metrics": (200, 200, 200, 200, 200, 200, 200),
+    "/metrics/plugins/{id}": (200, 200, 200, 200, 200, 200, 200),
+    "/readyz": (200, 200, 200, 200, 200, 200, 200),
     # Passed on with the caller's credentials; the stand-in Grafana answers 200 to all.
-    "delegated (Grafana decides)": (200, 200, 200, 200, 200, 200),
+    "delegated (Grafana decides)": (200, 200, 200, 200, 200, 200, 200),
+    "DataPlaneService watch": (401, 200, 200, 200, 200, 200, 200),
+    # Writes to a cluster-wide object: a server admin or an Admin of org 1 (may_write); the
+    # object does not exist, so a permitted caller learns 404, everyone else 403 first.
+    "DataPlaneService update (dry run)": (401, 403, 403, 404, 404, 403, 403),
+    "DataPlaneService patch (dry run)": (401, 403, 403, 404, 404, 403, 403),
+    "DataPlaneService status update (dry run)": (401, 403, 403, 404, 404, 403, 403),
+    "DataPlaneService delete collection (dry run, selects none)": (
+        401,
+        403,
+        403,
+        200,
+        200,
+        403,
+        403,
+    ),
+    # Discovery and OpenAPI need any signed-in caller (Kubernetes' system:discovery is bound
+    # to system:authenticated); /version is public (system:public-info-viewer).
+    "API discovery (/apis/aggregation.grafana.app/v0alpha1)": (401, 200, 200, 200, 200, 200, 200),
+    "/apis": (401, 200, 200, 200, 200, 200, 200),
+    "/version": (200, 200, 200, 200, 200, 200, 200),
+    "/openapi/v2": (401, 200, 200, 200, 200, 200, 200),
+    "/livez": (200, 200, 200, 200, 200, 200, 200),
 }
 
 
@@ -278,7 +344,7 @@ async def status_of(door: FrontDoor, endpoint: Endpoint, user: str | None) -> tu
     data = None
     if endpoint.body is not None:
         data = json.dumps(endpoint.body).encode()
-        headers["Content-Type"] = "application/json"
+        headers.setdefault("Content-Type", "application/json")
     async with door.session.request(
         endpoint.method, door.target(endpoint.path), data=data, headers=headers
     ) as response:

@@ -3,20 +3,61 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.apiserver import openapi
 from bridge.apiserver.discovery import api_group
-from tests.bridge.apiserver.conftest import BASE
+from tests.bridge.apiserver.conftest import ADMIN, BASE, build_app
+from tests.bridge.apiserver.store import ObservedStore
 
 Client = TestClient[web.Request, web.Application]
 
 GROUP = "/apis/aggregation.grafana.app"
 VERSION = f"{GROUP}/v0alpha1"
+
+
+@pytest_asyncio.fixture
+async def client(store: ObservedStore) -> AsyncIterator[Client]:
+    """A signed-in caller: discovery and OpenAPI are not for anonymous callers."""
+    server = TestServer(build_app(store), host="127.0.0.1")
+    async with TestClient(server, headers=ADMIN) as running:
+        yield running
+
+
+@pytest_asyncio.fixture
+async def anonymous(store: ObservedStore) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(build_app(store), host="127.0.0.1")) as running:
+        yield running
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        GROUP,
+        VERSION,
+        "/openapi/v2",
+        "/openapi/v3",
+        "/openapi/v3/apis/aggregation.grafana.app/v0alpha1",
+    ],
+)
+async def test_discovery_needs_a_signed_in_caller(anonymous: Client, path: str) -> None:
+    response = await anonymous.get(path)
+    assert response.status == 401
+    assert (await response.json())["kind"] == "Status"
+
+
+async def test_version_is_public_as_in_kubernetes(anonymous: Client) -> None:
+    response = await anonymous.get("/version")
+    assert response.status == 200
+    assert "gitVersion" in await response.json()
+
+
 AGGREGATED = (
     "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,"
     "application/json;g=apidiscovery.k8s.io;v=v2beta1;as=APIGroupDiscoveryList,"
