@@ -36,7 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from bridge.identity import Identity, OrgRole, namespace_for_org, parse_namespace
 from bridge.status import StatusError
 from bridge.tls import peer_subject
-from bridge.tokenfile import OrgGrant, TokenAuthenticator, TokenFileError, parse_token_file
+from bridge.tokenfile import (
+    OrgGrant,
+    TokenAuthenticator,
+    TokenFileError,
+    grant_for,
+    parse_token_file,
+)
 
 __all__ = [
     "AnonymousAuthenticator",
@@ -501,27 +507,6 @@ class _AnonymousFallback:
 
 
 # --- client certificates --------------------------------------------------------------------
-
-
-def grant_for(grants: Mapping[str, OrgGrant], login: str, groups: Iterable[str]) -> OrgGrant:
-    """The org and role ``auth.users`` gives a login with ``groups``, as token mode decides.
-
-    The login's own entry wins; otherwise the first group with a grant picks the org and the
-    highest role any of the groups grants there applies. Nothing granted: role None in org 1.
-    """
-    own = grants.get(login)
-    if own is not None:
-        return own
-    matches = [g for g in (grants.get(f"group:{name}") for name in groups) if g is not None]
-    if not matches:
-        return OrgGrant(org_id=1, role=OrgRole.NONE)
-    org_id = matches[0].org_id
-    same_org = [g for g in matches if g.org_id == org_id]
-    return OrgGrant(
-        org_id=org_id,
-        role=max(g.role for g in same_org),
-        server_admin=any(g.server_admin for g in same_org),
-    )
 
 
 class ClientCertAuthenticator:

@@ -139,6 +139,15 @@ class LimitsSettings(_Section):
     max_calls_per_plugin: int = Field(default=100, ge=1)
     calls_per_plugin: dict[str, int] = Field(default_factory=dict)
 
+    @field_validator("calls_per_plugin")
+    @classmethod
+    def _per_plugin_calls(cls, value: dict[str, int]) -> dict[str, int]:
+        # 0 would refuse every call to the plugin with a 429 forever: say so now instead.
+        for plugin_id, calls in value.items():
+            if calls < 1:
+                raise ValueError(f"{plugin_id}: expected at least 1 call in flight, got {calls}")
+        return value
+
 
 class StreamsSettings(_Section):
     """Grafana Live streams (docs/streams.md)."""

@@ -4,13 +4,16 @@
 names the bridge is reached by (``ca.crt``/``ca.key``, ``server.crt``/``server.key``), and on
 request client certificates for client-certificate authentication. It never overwrites a file
 that exists (unless ``--force``), so running it on every start, as the quick start does, keeps
-the CA that kubeconfigs and curl commands already trust.
+the CA that kubeconfigs and curl commands already trust; half a pair (a certificate without its
+key, or a server certificate without the CA) is an error rather than a reason to start over.
 
 A client certificate names its user the way Kubernetes reads one: the subject's common name
 (CN) is the login, each organization (O) a group. ``server_ssl_context`` verifies client
 certificates against ``server.client_ca`` when one is configured: ``client_auth: optional``
 (the Kubernetes way) checks a certificate when the client sends one, ``required`` refuses the
-TLS handshake without one. Keys are P-256 ECDSA, written with mode 0600.
+TLS handshake without one. Keys are P-256 ECDSA, written with mode 0600 through a fresh
+``O_EXCL`` temporary file; leaf certificates carry keyUsage digitalSignature and one
+extKeyUsage (serverAuth or clientAuth), so a server certificate cannot log in as a client.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ipaddress
 import os
 import ssl
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,43 +61,54 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 from the start, replacing it atomically."""
+def _write_file(path: Path, data: bytes, *, mode: int, replace: bool) -> None:
+    """Write ``data`` to ``path`` with ``mode`` from the start, all at once or not at all.
+
+    The bytes go to a new temporary file (``O_EXCL``, so a leftover or a planted symlink is
+    never reused or followed) that then takes the name: with ``replace`` atomically over what
+    was there, otherwise only if nothing is there yet, so a file is never silently replaced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    temporary = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                raise TLSError(f"{path} already exists; not replacing it") from None
+    finally:
         temporary.unlink(missing_ok=True)
-        raise
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    _write_private(
-        path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, *, replace: bool) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
     )
+    _write_file(path, data, mode=0o600, replace=replace)
 
 
-def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    os.replace(temporary, path)
+def _write_cert(path: Path, cert: x509.Certificate, *, replace: bool) -> None:
+    data = cert.public_bytes(serialization.Encoding.PEM)
+    _write_file(path, data, mode=0o644, replace=replace)
 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def create_ca(pair: CertPair, *, common_name: str = "grafana-bridge local CA") -> None:
+def create_ca(
+    pair: CertPair, *, common_name: str = "grafana-bridge local CA", replace: bool = False
+) -> None:
     """A self-signed CA certificate that may only sign end-entity certificates."""
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -124,8 +139,21 @@ def create_ca(pair: CertPair, *, common_name: str = "grafana-bridge local CA") -
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    _write_key(pair.key, key)
-    _write_cert(pair.cert, cert)
+    _write_key(pair.key, key, replace=replace)
+    _write_cert(pair.cert, cert, replace=replace)
+
+
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
 
 
 def _load_ca(ca: CertPair) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -157,6 +185,7 @@ def issue(
     organizations: Sequence[str] = (),
     hosts: Sequence[str] = (),
     client: bool = False,
+    replace: bool = False,
 ) -> None:
     """A certificate signed by ``ca``: for a server (``hosts`` as SANs) or a client."""
     if not common_name:
@@ -178,6 +207,7 @@ def issue(
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=LEAF_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
@@ -187,8 +217,8 @@ def issue(
     if hosts:
         builder = builder.add_extension(_san(hosts), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    _write_key(pair.key, key)
-    _write_cert(pair.cert, cert)
+    _write_key(pair.key, key, replace=replace)
+    _write_cert(pair.cert, cert, replace=replace)
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,15 +239,33 @@ def ensure_server_certs(
     """
     ca = CertPair(directory / "ca.crt", directory / "ca.key")
     server = CertPair(directory / "server.crt", directory / "server.key")
+    if not force:
+        _refuse_half_pair(ca)
+        _refuse_half_pair(server)
+        if not ca.cert.exists() and server.cert.exists():
+            raise TLSError(
+                f"{server.cert} exists but {ca.cert} does not; a new CA would replace it: "
+                "put the CA back, or pass --force to make a new CA and server certificate"
+            )
     created: list[Path] = []
-    new_ca = force or not (ca.cert.exists() and ca.key.exists())
+    new_ca = force or not ca.cert.exists()
     if new_ca:
-        create_ca(ca)
+        create_ca(ca, replace=force)
         created += [ca.cert, ca.key]
-    if new_ca or not (server.cert.exists() and server.key.exists()):
-        issue(ca, server, common_name="grafana-bridge", hosts=hosts)
+    if new_ca or not server.cert.exists():
+        issue(ca, server, common_name="grafana-bridge", hosts=hosts, replace=force)
         created += [server.cert, server.key]
     return Made(ca=ca, server=server, created=tuple(created))
+
+
+def _refuse_half_pair(pair: CertPair) -> None:
+    present = [p for p in (pair.cert, pair.key) if p.exists()]
+    if len(present) == 1:
+        missing = pair.key if present[0] == pair.cert else pair.cert
+        raise TLSError(
+            f"{present[0]} exists but {missing} does not: put it back, or pass --force to "
+            "make a new CA and server certificate (replacing both)"
+        )
 
 
 # -- the server's SSL context ----------------------------------------------------------------
@@ -231,6 +279,9 @@ def server_ssl_context(server: ServerSettings) -> ssl.SSLContext | None:
         return None
     if server.tls_cert is None or server.tls_key is None:
         raise TLSError("server.tls_cert and server.tls_key must be set together")
+    if server.client_auth == "required" and server.client_ca is None:
+        # Otherwise "required" would quietly admit clients without any certificate.
+        raise TLSError("server.client_auth 'required' needs server.client_ca (the CA to trust)")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -292,7 +343,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ")",
     )
     parser.add_argument(
-        "--force", action="store_true", help="make a new CA and server certificate anyway"
+        "--force",
+        action="store_true",
+        help="make a new CA and server certificate anyway (and replace --client's files)",
     )
     parser.add_argument(
         "--client",
@@ -308,6 +361,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _client_pair(directory: Path, login: str) -> CertPair:
+    """Where ``--client login`` goes: ``login.crt``/``login.key``, never the CA's or server's."""
+    if "/" in login or "\0" in login or login.startswith("."):
+        raise TLSError(f"--client {login!r}: not usable as a file name")
+    if login in ("ca", "server"):
+        raise TLSError(
+            f"--client {login!r}: {login}.crt and {login}.key are the {login}'s own files; "
+            "choose another login"
+        )
+    return CertPair(directory / f"{login}.crt", directory / f"{login}.key")
+
+
 def run(config: BridgeConfig, args: argparse.Namespace) -> int:
     """Make what is missing in ``args.dir`` and say what was made; 2 on failure."""
     directory: Path = args.dir
@@ -316,10 +381,18 @@ def run(config: BridgeConfig, args: argparse.Namespace) -> int:
             directory, hosts=tuple(args.host or DEFAULT_HOSTS), force=args.force
         )
         if args.client:
-            if "/" in args.client or args.client in (".", ".."):
-                raise TLSError(f"--client {args.client!r}: not usable as a file name")
-            client = CertPair(directory / f"{args.client}.crt", directory / f"{args.client}.key")
-            issue(made.ca, client, common_name=args.client, organizations=args.group, client=True)
+            client = _client_pair(directory, args.client)
+            for path in (client.cert, client.key):
+                if path.exists() and not args.force:
+                    raise TLSError(f"{path} already exists; remove it, or pass --force")
+            issue(
+                made.ca,
+                client,
+                common_name=args.client,
+                organizations=args.group,
+                client=True,
+                replace=args.force,
+            )
             made = Made(made.ca, made.server, (*made.created, client.cert, client.key))
     except (TLSError, OSError) as exc:
         print(f"grafana-bridge certs: {exc}", file=sys.stderr)

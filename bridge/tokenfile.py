@@ -9,7 +9,7 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,31 @@ class OrgGrant(BaseModel):
     org_id: int = Field(default=1, ge=1)
     role: OrgRole = OrgRole.VIEWER
     server_admin: bool = False
+
+
+GROUP_PREFIX = "group:"
+
+
+def grant_for(grants: Mapping[str, OrgGrant], login: str, groups: Iterable[str]) -> OrgGrant:
+    """The org and role ``auth.users`` gives ``login`` with ``groups`` (token file or certificate).
+
+    The login's own entry wins; otherwise the first group with a grant picks the org and the
+    highest role any of the groups grants there applies. Nothing granted: role None in org 1.
+    A login that itself reads ``group:<name>`` never takes that group's grant as its own.
+    """
+    own = None if login.startswith(GROUP_PREFIX) else grants.get(login)
+    if own is not None:
+        return own
+    matches = [g for g in (grants.get(f"{GROUP_PREFIX}{name}") for name in groups) if g]
+    if not matches:
+        return OrgGrant(org_id=1, role=OrgRole.NONE)
+    org_id = matches[0].org_id
+    same_org = [g for g in matches if g.org_id == org_id]
+    return OrgGrant(
+        org_id=org_id,
+        role=max(g.role for g in same_org),
+        server_admin=any(g.server_admin for g in same_org),
+    )
 
 
 class TokenFileError(ValueError):
@@ -135,7 +160,7 @@ class TokenAuthenticator:
         user = self._find(token)
         if user is None:
             raise StatusError(401, "the bearer token is not in the token file")
-        grant = self._grant_for(user)
+        grant = grant_for(self._grants, user.name, user.groups)
         return Identity(
             login=user.name,
             name=user.name,
@@ -155,21 +180,6 @@ class TokenAuthenticator:
             if hmac.compare_digest(known, digest):
                 found = user
         return found
-
-    def _grant_for(self, user: TokenUser) -> OrgGrant:
-        own = self._grants.get(user.name)
-        if own is not None:
-            return own
-        matches = [g for g in (self._grants.get(f"group:{name}") for name in user.groups) if g]
-        if not matches:
-            return OrgGrant(org_id=1, role=OrgRole.NONE)
-        org_id = matches[0].org_id
-        same_org = [g for g in matches if g.org_id == org_id]
-        return OrgGrant(
-            org_id=org_id,
-            role=max(g.role for g in same_org),
-            server_admin=any(g.server_admin for g in same_org),
-        )
 
     def _file_stamp(self) -> tuple[int, int, int]:
         try:

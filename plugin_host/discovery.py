@@ -526,33 +526,63 @@ def check_permissions(
     the bridge runs as, and must not be writable by group or others. A directory above the
     plugins directory with the sticky bit (``/tmp``) may be world-writable: nobody else can
     rename what it holds. (The plugins directory itself may not: anyone could add a plugin.)
+    The same holds for the directories above the plugin directory and the plugins directory
+    as given, so a plugin reached through a symlink is checked where the link lives too. A
+    plugin directory with more than ``_MAX_CHECKED_ENTRIES`` entries is refused, not trusted.
     ``plugins.strict_permissions: false`` turns the check off (docs/security.md).
     """
     me = os.geteuid()
-    real = Path(os.path.realpath(executable))
-    inside = {Path(os.path.realpath(directory))}
+    top = Path(os.path.realpath(directory))
+    inside = {top}
+    starts = [executable, directory]
     if plugins_dir is not None:
         inside.add(Path(os.path.realpath(plugins_dir)))
-    chain = [real, *real.parents]
-    # Sticky is no excuse from the plugins directory down to the executable.
-    lowest_allowed = max((chain.index(p) for p in inside if p in chain), default=0) + 1
-    for index, path in enumerate(chain):
-        problem = _unsafe(path, me, allow_sticky=index >= lowest_allowed)
+        starts.append(plugins_dir)
+    for path, allow_sticky in _ancestry(starts, inside):
+        problem = _unsafe(path, me, allow_sticky=allow_sticky)
         if problem is not None:
             return path, problem
-    root = Path(os.path.realpath(directory))
     checked = 0
-    for current, dirs, files in os.walk(root):
+    for current, dirs, files in os.walk(top):
         dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
         for name in (*dirs, *files):
             checked += 1
             if checked > _MAX_CHECKED_ENTRIES:
-                return None
+                # What was not checked is not trusted.
+                return top, (
+                    f"refusing to run a plugin from here: {top} holds more than "
+                    f"{_MAX_CHECKED_ENTRIES} files and directories, too many to check that no "
+                    f"one else can write to them; set plugins.strict_permissions: false"
+                )
             path = Path(current) / name
             problem = _unsafe(path, me, allow_sticky=False, follow=False)
             if problem is not None:
                 return path, problem
     return None
+
+
+def _ancestry(starts: list[Path], inside: set[Path]) -> list[tuple[Path, bool]]:
+    """Every path from each of ``starts`` (resolved) up to ``/``, and whether sticky will do.
+
+    The executable's own chain is not enough when links are involved: a link to the plugin,
+    or an executable that is a link, lives in a directory that must be safe as well, or
+    whoever can write there could point it elsewhere. Sticky is no excuse from the plugins
+    directory down; above it, a sticky world-writable directory (``/tmp``) is fine.
+    """
+    order: list[Path] = []
+    sticky_ok: dict[Path, bool] = {}
+    for start in starts:
+        real = Path(os.path.realpath(start))
+        chain = [real, *real.parents]
+        lowest_allowed = max((chain.index(p) for p in inside if p in chain), default=0) + 1
+        for index, path in enumerate(chain):
+            allowed = index >= lowest_allowed
+            if path not in sticky_ok:
+                order.append(path)
+                sticky_ok[path] = allowed
+            else:
+                sticky_ok[path] = sticky_ok[path] and allowed
+    return [(path, sticky_ok[path]) for path in order]
 
 
 def _unsafe(path: Path, me: int, *, allow_sticky: bool, follow: bool = True) -> str | None:

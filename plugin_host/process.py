@@ -72,6 +72,7 @@ class RunAs:
     user: str
     uid: int
     gid: int
+    home: str = "/"
 
 
 def resolve_run_as(user: str) -> RunAs:
@@ -88,12 +89,18 @@ def resolve_run_as(user: str) -> RunAs:
         raise ValueError(f"no such user {user!r}") from None
     if entry.pw_uid == 0:
         raise ValueError(f"user {user!r} is root; name an unprivileged user")
+    # setpriv --init-groups gives the plugin the user's groups: none may be root's group.
+    if entry.pw_gid == 0 or 0 in os.getgrouplist(entry.pw_name, entry.pw_gid):
+        raise ValueError(
+            f"user {user!r} is in the root group (gid 0), which would let plugins read and "
+            "write what root's group can; name a user outside it"
+        )
     if os.geteuid() != 0:
         raise ValueError(
             f"the bridge runs as uid {os.geteuid()}, not root, so it cannot start plugins as "
             f"{user!r}; unset plugins.run_as_user or start the bridge as root"
         )
-    return RunAs(user=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid)
+    return RunAs(user=entry.pw_name, uid=entry.pw_uid, gid=entry.pw_gid, home=entry.pw_dir or "/")
 
 
 def _give_workdir(workdir: Path, run_as: RunAs) -> None:
@@ -102,6 +109,13 @@ def _give_workdir(workdir: Path, run_as: RunAs) -> None:
     parent = workdir.parent.stat().st_mode
     if parent & 0o001 == 0:
         os.chmod(workdir.parent, stat.S_IMODE(parent) | 0o011)  # noqa: S103 - search only, no read or write
+
+
+def _user_environment(env: dict[str, str], run_as: RunAs | None) -> dict[str, str]:
+    """``env``, with HOME, USER and LOGNAME naming the plugin's user when it runs as one."""
+    if run_as is None:
+        return env
+    return {**env, "HOME": run_as.home, "USER": run_as.user, "LOGNAME": run_as.user}
 
 
 # setpriv reports a failed exec on stderr and exits with these (util-linux's EX_EXEC_*).
@@ -366,8 +380,10 @@ class PluginProcess:
         if run_as is not None:
             if _SETPRIV is None:
                 raise PluginSpawnError(plugin_id, "plugins.run_as_user needs setpriv (util-linux)")
+            # Numeric ids (no name lookup can be steered), the user's own groups and none of
+            # ours, and no_new_privs: a setuid binary the plugin runs cannot regain root.
             switch = [f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--init-groups"]
-            argv = [_SETPRIV, *switch, "--pdeathsig", "KILL", "--", *argv]
+            argv = [_SETPRIV, *switch, "--no-new-privs", "--pdeathsig", "KILL", "--", *argv]
         elif _SETPRIV is not None:
             argv = [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
         elif _prctl is not None:
@@ -380,7 +396,7 @@ class PluginProcess:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=confine_environment(env, private_dir=str(workdir)),
+                env=_user_environment(confine_environment(env, private_dir=str(workdir)), run_as),
                 cwd=cwd,
                 start_new_session=True,
                 preexec_fn=preexec,

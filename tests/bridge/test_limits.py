@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from bridge.config import ConfigError, load_config
 from bridge.limits import BACKSTOP_FACTOR
 from tests.bridge.conftest import (
     GO,
@@ -260,3 +261,66 @@ async def test_conflicting_framing_is_400_and_never_passed_on(
     assert b"/smuggled" not in data
     assert len(limited.grafana.seen) == seen
     assert await limited.door.plugin_calls(PY, "callResource") == calls
+
+
+# -- review: counting as sent, and slots on cancellation ---------------------------------------
+
+
+async def test_repeated_header_fields_each_count(limited: Limited) -> None:
+    """One name sent many times is many fields (as Go and the RFC count them), not one."""
+    head = f"GET {resource(PY_GROUP, 'py', 'echo')} HTTP/1.1\r\nHost: bridge\r\n".encode()
+    head += f"Authorization: Bearer {token_for('admin')}\r\nConnection: close\r\n".encode()
+    status, data, _ = await raw_exchange(
+        limited.port, head + b"X-Dup: 1\r\n" * MAX_HEADERS + b"\r\n"
+    )
+    assert status == 431, data[:300]
+    assert b"limits.max_headers" in data
+
+
+async def test_the_url_is_measured_in_bytes_as_sent(limited: Limited) -> None:
+    """Not decoded: %41 is three bytes (raw non-ASCII bytes are a 400 from aiohttp's parser)."""
+    head = resource(PY_GROUP, "py", "echo?pad=").encode()
+    unit = b"%41"
+    pad = unit * ((MAX_URL - len(head)) // len(unit) + 1)  # just over in bytes, under decoded
+    request = b"GET " + head + pad + b" HTTP/1.1\r\nHost: bridge\r\n"
+    request += f"Authorization: Bearer {token_for('admin')}\r\nConnection: close\r\n\r\n".encode()
+    status, data, _ = await raw_exchange(limited.port, request)
+    assert status == 414, data[:300]
+    assert f"is {len(head) + len(pad)} bytes".encode() in data
+
+
+async def test_a_client_that_goes_away_gives_its_slot_back(limited: Limited) -> None:
+    door = limited.door
+    concurrency = door.bridge.deps.concurrency
+    head = f"GET {resource(PY_GROUP, 'py', 'sleep?ms=3000')} HTTP/1.1\r\nHost: bridge\r\n"
+    head += f"Authorization: Bearer {token_for('admin')}\r\n\r\n"
+    connections = [await asyncio.open_connection("127.0.0.1", limited.port) for _ in range(2)]
+    for _, writer in connections:
+        writer.write(head.encode())
+        await writer.drain()
+
+    async def all_held() -> bool:
+        return concurrency.in_flight(PY) == MAX_CALLS
+
+    await eventually(all_held, what="both slots held")
+    for _, writer in connections:
+        writer.close()
+        await writer.wait_closed()
+
+    async def all_free() -> bool:
+        return concurrency.in_flight(PY) == 0
+
+    await eventually(all_free, what="both slots given back")
+    answers = await asyncio.gather(
+        *(door.call("GET", resource(PY_GROUP, "py", "echo")) for _ in range(MAX_CALLS))
+    )
+    assert [a.status for a in answers] == [200] * MAX_CALLS
+
+
+@pytest.mark.parametrize("calls", [0, -1])
+async def test_a_per_plugin_limit_below_one_is_a_configuration_error(calls: int) -> None:
+    """A plugin limit of 0 would answer 429 to every call forever; refused at start-up."""
+    with pytest.raises(ConfigError, match=r"calls_per_plugin.*expected at least 1"):
+        load_config(environ={}, overrides={"limits.calls_per_plugin": {PY: calls}})
+    config = load_config(environ={}, overrides={"limits.calls_per_plugin": {PY: 1}})
+    assert config.limits.calls_per_plugin == {PY: 1}

@@ -20,10 +20,14 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from cryptography import x509
 
+from bridge.auth import AnonymousAuthenticator, AnonymousSettings, ClientCertAuthenticator
 from bridge.cli import main
 from bridge.config import ServerSettings
+from bridge.identity import OrgRole
 from bridge.tls import TLSError, peer_subject, server_ssl_context
+from bridge.tokenfile import OrgGrant, TokenAuthenticator
 from tests.bridge.bridge_process import (
     DPS_PATH,
     BridgeProcess,
@@ -336,3 +340,135 @@ def test_peer_subject_reads_cn_and_every_o() -> None:
     assert peer_subject({}) is None  # no certificate, or an unverified one
     assert peer_subject(None) is None
     assert peer_subject({"subject": ((("organizationName", "x"),),)}) is None  # no CN
+
+
+# -- review fixes: files are never overwritten or written with loose modes ---------------------
+
+
+def test_a_stale_temporary_file_never_loosens_a_key(tmp_path: Path) -> None:
+    """A leftover ``.server.key.tmp`` (0644, or a symlink) must not decide the key's mode."""
+    directory = tmp_path / "tls"
+    directory.mkdir()
+    stale = directory / ".server.key.tmp"
+    stale.write_text("left over by a crash\n")
+    stale.chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    (directory / ".ca.key.tmp").symlink_to(elsewhere)
+    result = certs(directory)
+    assert result.returncode == 0, result.stderr
+    for key in ("ca.key", "server.key"):
+        assert (directory / key).stat().st_mode & 0o777 == 0o600
+    assert not elsewhere.exists()  # the symlink was not followed
+
+
+def test_certs_never_replaces_half_of_a_pair(tmp_path: Path) -> None:
+    directory = tmp_path / "tls"
+    assert certs(directory).returncode == 0
+    ca = (directory / "ca.crt").read_bytes()
+    server = (directory / "server.crt").read_bytes()
+    # An operator who moved the CA key offline keeps the CA certificate.
+    (directory / "ca.key").unlink()
+    result = certs(directory)
+    assert result.returncode == 2 and "ca.key" in result.stderr and "--force" in result.stderr
+    assert (directory / "ca.crt").read_bytes() == ca
+    assert (directory / "server.crt").read_bytes() == server
+    # A server certificate from elsewhere is not replaced by one from a new CA.
+    (directory / "ca.crt").unlink()
+    result = certs(directory)
+    assert result.returncode == 2 and "server.crt" in result.stderr
+    assert (directory / "server.crt").read_bytes() == server
+    assert not (directory / "ca.crt").exists()
+
+
+@pytest.mark.parametrize("login", ["ca", "server", "alice"])
+def test_a_client_certificate_never_replaces_an_existing_file(tmp_path: Path, login: str) -> None:
+    assert certs(tmp_path, "--client", "alice").returncode == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    result = certs(tmp_path, "--client", login)
+    assert result.returncode == 2 and f"{login}.crt" in result.stderr
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_required_client_auth_without_a_client_ca_is_an_error(tmp_path: Path) -> None:
+    assert certs(tmp_path).returncode == 0
+    settings = ServerSettings(
+        tls_cert=tmp_path / "server.crt", tls_key=tmp_path / "server.key", client_auth="required"
+    )
+    with pytest.raises(TLSError, match=r"client_auth.*client_ca"):
+        server_ssl_context(settings)
+
+
+def test_only_the_client_ca_is_trusted_for_client_certificates(tmp_path: Path) -> None:
+    assert certs(tmp_path).returncode == 0
+    settings = ServerSettings(
+        tls_cert=tmp_path / "server.crt",
+        tls_key=tmp_path / "server.key",
+        client_ca=tmp_path / "ca.crt",
+    )
+    context = server_ssl_context(settings)
+    assert context is not None and context.minimum_version >= ssl.TLSVersion.TLSv1_2
+    trusted = context.get_ca_certs()  # never the system store: only server.client_ca
+    assert [peer_subject(c) for c in trusted] == [("grafana-bridge local CA", ())]
+    empty = tmp_path / "empty.crt"
+    empty.write_text("")
+    with pytest.raises(TLSError, match=r"server.client_ca: cannot load"):
+        server_ssl_context(settings.model_copy(update={"client_ca": empty}))
+
+
+async def test_a_server_certificate_cannot_log_in_as_a_client(tmp_path: Path) -> None:
+    """extKeyUsage serverAuth only: OpenSSL refuses it as a client certificate (real sockets)."""
+    assert certs(tmp_path, "--client", "alice").returncode == 0
+    leaf = x509.load_pem_x509_certificate((tmp_path / "server.crt").read_bytes())
+    usage = leaf.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
+    settings = ServerSettings(
+        tls_cert=tmp_path / "server.crt",
+        tls_key=tmp_path / "server.key",
+        client_ca=tmp_path / "ca.crt",
+        client_auth="required",
+    )
+    context = server_ssl_context(settings)
+    seen: list[Any] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(peer_subject(writer.get_extra_info("peercert")))
+        writer.write(b"welcome")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for who, accepted in (("alice", True), ("server", False)):
+            client = ssl.create_default_context(cafile=tmp_path / "ca.crt")
+            client.load_cert_chain(tmp_path / f"{who}.crt", tmp_path / f"{who}.key")
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client)
+                # TLS 1.3: the server checks the certificate after the client's handshake ends.
+                answer = await asyncio.wait_for(reader.read(), 10)
+                writer.close()
+            except (ssl.SSLError, ConnectionError):
+                answer = b""
+            assert (answer == b"welcome") is accepted, (who, seen)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert seen == [("alice", ())], seen
+
+
+async def test_a_login_named_like_a_group_never_takes_the_groups_grant(tmp_path: Path) -> None:
+    """CN ``group:admins`` (or a token-file user of that name) is not the admins group."""
+    grants = {"group:admins": OrgGrant(org_id=1, role=OrgRole.ADMIN, server_admin=True)}
+    by_cert = ClientCertAuthenticator(AnonymousAuthenticator(AnonymousSettings()), grants)
+    impostor = by_cert.identify({"subject": ((("commonName", "group:admins"),),)})
+    assert impostor is not None and impostor.role is OrgRole.NONE
+    assert not impostor.is_server_admin
+    member = by_cert.identify(
+        {"subject": ((("commonName", "ann"),), (("organizationName", "admins"),))}
+    )
+    assert member is not None and member.role is OrgRole.ADMIN and member.is_server_admin
+    token_file = tmp_path / "tokens.csv"
+    token_file.write_text("s3cret,group:admins,u1\n")
+    by_token = TokenAuthenticator(token_file, grants=grants)
+    user = by_token.authenticate_headers({"Authorization": "Bearer s3cret"})
+    assert user is not None and user.role is OrgRole.NONE and not user.is_server_admin

@@ -128,6 +128,33 @@ async def test_unsigned_plugin_is_checked_against_its_hash_at_discovery(short_tm
         await assert_refused_then_recovers(host, launcher, launcher_text())
 
 
+def point(link: Path, target: str) -> None:
+    """Retarget the symlink ``link`` at once (a new link renamed over the old one)."""
+    staged = link.with_name(link.name + ".link")
+    staged.symlink_to(target)
+    os.replace(staged, link)
+
+
+async def test_a_symlinked_executable_is_checked_through_the_link(short_tmp: Path) -> None:
+    """The hash is of what the link points to: pointing it at another file is a change."""
+    plugins = short_tmp / "plugins"
+    launcher = write_plugin(plugins / PLUGIN_ID)
+    for version, extra in (("v1", ""), ("v2", "# another build\n")):
+        real = launcher.with_name(f"launch-{version}.sh")
+        real.write_text(launcher_text(extra))
+        real.chmod(0o755)
+    launcher.unlink()
+    launcher.symlink_to("launch-v1.sh")
+    async with running(plugins, allow_unsigned=frozenset({PLUGIN_ID})) as host:
+        point(launcher, "launch-v2.sh")
+        old_pid = kill(host)
+        status = await wait_for(host.registry, PLUGIN_ID, refused)
+        assert status.pid is None and str(launcher) in (status.last_error or "")
+        point(launcher, "launch-v1.sh")
+        status = await wait_for(host.registry, PLUGIN_ID, lambda s: s.state is PluginState.RUNNING)
+        assert status.pid not in (None, old_pid)
+
+
 async def test_unsigned_plugin_in_dev_mode_runs_a_rebuilt_executable(short_tmp: Path) -> None:
     plugins = short_tmp / "plugins"
     launcher = write_plugin(plugins / PLUGIN_ID)

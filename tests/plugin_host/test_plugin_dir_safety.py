@@ -148,6 +148,32 @@ def test_symlinked_plugin_is_checked_where_it_points(plugins: Path, tmp_path: Pa
     refused(run(plugins), elsewhere, "writable by group and others")
 
 
+def test_the_plugins_directory_holding_a_symlinked_plugin_is_checked(
+    plugins: Path, tmp_path: Path
+) -> None:
+    """Whoever can write the plugins directory can point the link somewhere else."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (plugins / PLUGIN_ID).symlink_to(make_plugin(elsewhere))
+    plugins.chmod(0o777)
+    refused(run(plugins), plugins, "writable by group and others")
+
+
+def test_a_directory_too_large_to_check_is_refused(
+    plugins: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checking stops at a bound, and what was not checked is not trusted (fail closed)."""
+    import plugin_host.discovery as discovery  # noqa: PLC0415 - the bound is module state
+
+    directory = make_plugin(plugins)
+    for index in range(5):
+        (directory / f"asset-{index}.js").write_text("")
+    monkeypatch.setattr(discovery, "_MAX_CHECKED_ENTRIES", 4)
+    refused(run(plugins), directory, "more than 4")
+    monkeypatch.setattr(discovery, "_MAX_CHECKED_ENTRIES", 100)
+    assert run(plugins).errors == ()
+
+
 def test_escape_hatch_turns_the_check_off(plugins: Path) -> None:
     directory = make_plugin(plugins)
     directory.chmod(0o777)
@@ -227,6 +253,23 @@ def test_run_as_user_errors_name_the_key() -> None:
     assert "is root; name an unprivileged user" in str(caught.value)
 
 
+@pytest.mark.parametrize("where", ["primary", "supplementary"])
+def test_run_as_user_in_the_root_group_is_refused(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """uid 0 is not the only way to root's files: gid 0 (or membership of group root) too."""
+    gid = 0 if where == "primary" else 4242
+    fake = pwd.struct_passwd(("svc", "x", 4242, gid, "", "/home/svc", "/bin/sh"))
+    monkeypatch.setattr(pwd, "getpwnam", lambda name: fake)
+    monkeypatch.setattr(os, "getgrouplist", lambda name, base: [base, 0])
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(ValueError, match=r"in the root group \(gid 0\)"):
+        resolve_run_as("svc")
+    monkeypatch.setattr(os, "getgrouplist", lambda name, base: [base])
+    if where == "supplementary":
+        assert resolve_run_as("svc").gid == 4242
+
+
 REFUSAL_SCRIPT = """
 import sys
 from bridge.config import ConfigError, load_config
@@ -285,13 +328,28 @@ async def run_go_fixture_as_nobody(base: Path, go_fixture_binary: Path) -> None:
             start_timeout=15, stop_grace=1, run_as=resolve_run_as("nobody")
         ),
     )
-    async with PluginHost(config, host_env={"PATH": os.environ.get("PATH", "")}) as host:
+    host_env = {"PATH": os.environ.get("PATH", ""), "HOME": "/root", "USER": "root"}
+    async with PluginHost(config, host_env=host_env) as host:
         (status,) = await host.start(wait=20)
         assert status.state is PluginState.RUNNING, status
         assert status.pid is not None
         process = psutil.Process(status.pid)
         assert process.uids().real == process.uids().effective == nobody.pw_uid
         assert process.gids().effective == nobody.pw_gid
+        status_lines = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{status.pid}/status").read_text().splitlines()
+        )
+        # None of root's groups, no capabilities, and no way back up through a setuid binary.
+        assert "0" not in status_lines["Groups"].split()
+        assert int(status_lines["CapEff"], 16) == 0 and int(status_lines["CapPrm"], 16) == 0
+        assert status_lines["NoNewPrivs"].strip() == "1"
+        environ = process.environ()
+        assert (environ["HOME"], environ["USER"]) == (nobody.pw_dir, "nobody")
+        # Its private directory is its own (0700); the socket root above is only passable.
+        private = Path(environ["TMPDIR"])
+        assert (private.stat().st_uid, private.stat().st_mode & 0o777) == (nobody.pw_uid, 0o700)
+        assert private.parent.stat().st_mode & 0o777 == 0o711
         health = await host.registry.client(PLUGIN_ID).check_health(
             pb.CheckHealthRequest(pluginContext=pb.PluginContext(orgId=1)), timeout=5
         )
