@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmarks._common import free_port, percentile
 from bridge.storage import Store, WatchEventType
 from bridge.storage.etcd import EtcdStore
 from bridge.storage.sqlite import SQLiteStore
@@ -41,18 +42,12 @@ from tests.bridge.bridge_process import (
     DPS_PATH,
     BridgeProcess,
     dataplaneservice,
-    free_port,
     health_path,
     write_bridge_config,
 )
 from tests.bridge.storage.etcd_server import EtcdServer, etcd_binary
 
 MERGE_PATCH = "application/merge-patch+json"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 async def parallel(calls: list[Callable[[], Awaitable[None]]], concurrency: int) -> float:

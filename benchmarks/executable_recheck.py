@@ -21,14 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import GO_PLUGIN_ID, ROOT, plugin_env
 from plugin_host.client import BackendClient, open_channel
-from plugin_host.handshake import GrafanaIdentity, build_environment
 from plugin_host.process import PluginProcess, make_socket_root
 from plugin_host.signature import executable_changed, sha256_file
 
-ROOT = Path(__file__).resolve().parent.parent
 GO_BINARY = ROOT / "fixtures" / "plugins" / "go-datasource" / "gpx_gofixture_linux_amd64"
-PLUGIN_ID = "bridge-gofixture-datasource"
+PLUGIN_ID = GO_PLUGIN_ID
 
 
 async def recheck(path: Path, expected: str) -> float:
@@ -41,7 +40,7 @@ async def recheck(path: Path, expected: str) -> float:
 
 
 async def start_to_ready(root: Path) -> float:
-    env = build_environment(host_env=os.environ, grafana=GrafanaIdentity())
+    env = plugin_env()
     workdir = Path(tempfile.mkdtemp(dir=root, prefix="bench-"))
     started = time.perf_counter()
     process = await PluginProcess.start(

@@ -13,68 +13,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from benchmarks._common import (
+    GO_PLUGIN_ID,
+    TOKEN,
+    attached_plugin,
+    free_port,
+    go_fixture_binary,
+    load,
+    start_bridge,
+    stop_bridge,
+    wait_ready,
+    write_bench_config,
+)
 from bridge.apis import DataPlaneService
 from bridge.routing import RouteTable
-from plugin_host.client import BackendClient, open_channel
-from plugin_host.handshake import GrafanaIdentity, build_environment
-from plugin_host.process import PluginProcess
+from plugin_host.client import BackendClient
 from protos.pluginv2 import backend_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
-PLUGIN_ID = "bridge-gofixture-datasource"
+PLUGIN_ID = GO_PLUGIN_ID
 GROUP = "bench.datasource.grafana.app"
-TOKEN = "bench-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-async def load(
-    call: Callable[[], Awaitable[None]], *, seconds: float, concurrency: int
-) -> dict[str, float]:
-    """Run ``call`` from ``concurrency`` workers for ``seconds``; latency in ms."""
-    latencies: list[float] = []
-    deadline = time.perf_counter() + seconds
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            began = time.perf_counter()
-            await call()
-            latencies.append((time.perf_counter() - began) * 1000)
-
-    began = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - began
-    return {
-        "rps": len(latencies) / elapsed,
-        "p50_ms": percentile(latencies, 0.5),
-        "p99_ms": percentile(latencies, 0.99),
-        "calls": float(len(latencies)),
-    }
 
 
 def query_request(points: int) -> pb.QueryDataRequest:
@@ -113,65 +81,6 @@ def query_body(points: int) -> bytes:
             ],
         }
     ).encode()
-
-
-def write_config(workdir: Path, *, plugin_address: str, delegate_url: str, port: int) -> Path:
-    (workdir / "provisioning" / "datasources").mkdir(parents=True)
-    (workdir / "provisioning" / "datasources" / "bench.yaml").write_text(
-        f"apiVersion: 1\ndatasources:\n  - {{name: bench, type: {PLUGIN_ID}, uid: bench}}\n"
-    )
-    (workdir / "manifests").mkdir()
-    (workdir / "manifests" / "bench.yaml").write_text(
-        json.dumps(
-            {
-                "apiVersion": "aggregation.grafana.app/v0alpha1",
-                "kind": "DataPlaneService",
-                "metadata": {"name": f"v0alpha1.{GROUP}"},
-                "spec": {
-                    "pluginID": PLUGIN_ID,
-                    "pluginType": "datasource",
-                    "group": GROUP,
-                    "version": "v0alpha1",
-                    "services": [{"type": "query"}],
-                },
-            }
-        )
-    )
-    tokens = workdir / "tokens.csv"
-    tokens.write_text(f"{TOKEN},bench,1,\n")
-    tokens.chmod(0o600)
-    config = {
-        "server": {"listen": f"127.0.0.1:{port}"},
-        "plugins": {"directories": [], "attach": {PLUGIN_ID: plugin_address}},
-        "provisioning": {"directories": ["provisioning"]},
-        "dataplane": {"manifests": ["manifests"]},
-        "auth": {
-            "mode": "token",
-            "token_file": "tokens.csv",
-            "users": {"bench": {"org_id": 1, "role": "Admin"}},
-        },
-        "delegate": {"url": delegate_url},
-        "logging": {"level": "warning"},
-    }
-    path = workdir / "bridge.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes]
-) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the bridge exited with {proc.returncode}")
-        try:
-            async with session.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the bridge did not become ready")
 
 
 def route_lookup() -> dict[str, float]:
@@ -215,23 +124,8 @@ def route_lookup() -> dict[str, float]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"route_lookup": route_lookup()}
-    binary = Path(
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "build_go_fixture.py")],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
+    binary = go_fixture_binary(install=True)
     workdir = Path(tempfile.mkdtemp(prefix="gfb-bench-", dir="/tmp"))
-    plugin = await PluginProcess.start(
-        plugin_id=PLUGIN_ID,
-        executable=binary,
-        env=build_environment(host_env=os.environ, grafana=GrafanaIdentity()),
-        workdir=workdir / "plugin",
-    )
     delegate_app = web.Application()
 
     async def grafana(request: web.Request) -> web.Response:
@@ -239,95 +133,99 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     delegate_app.router.add_route("*", "/{tail:.*}", grafana)
     runner = web.AppRunner(delegate_app, access_log=None)
-    await runner.setup()
-    delegate_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", delegate_port).start()
-    port = free_port()
-    config = write_config(
-        workdir,
-        plugin_address=plugin.handshake.grpc_target,
-        delegate_url=f"http://127.0.0.1:{delegate_port}",
-        port=port,
-    )
-    bridge = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "grafana-bridge"), "serve", "-c", str(config)], cwd=workdir
-    )
-    client = BackendClient(PLUGIN_ID, open_channel(plugin.handshake.grpc_target))
+    try:
+        await runner.setup()
+        delegate_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", delegate_port).start()
+        async with attached_plugin(PLUGIN_ID, binary, workdir / "plugin") as (plugin, client):
+            port = free_port()
+            config = write_bench_config(
+                workdir,
+                port=port,
+                plugin_id=PLUGIN_ID,
+                group=GROUP,
+                service="query",
+                plugins={"directories": [], "attach": {PLUGIN_ID: plugin.handshake.grpc_target}},
+                delegate={"url": f"http://127.0.0.1:{delegate_port}"},
+            )
+            bridge = start_bridge(config)
+            try:
+                out.update(await measure(args, client, bridge, port, delegate_port))
+            finally:
+                stop_bridge(bridge)
+    finally:
+        await runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return out
+
+
+async def measure(
+    args: argparse.Namespace,
+    client: BackendClient,
+    bridge: subprocess.Popen[bytes],
+    port: int,
+    delegate_port: int,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     base = f"http://127.0.0.1:{port}"
     query_url = f"{base}/apis/{GROUP}/v0alpha1/namespaces/default/datasources/bench/query"
     headers = {"Authorization": f"Bearer {TOKEN}"}
     connector = aiohttp.TCPConnector(limit=256)
-    try:
-        async with aiohttp.ClientSession(connector=connector) as session:
-            await wait_ready(session, base, bridge)
-            cases: list[dict[str, Any]] = []
-            for points in (1, 1000):
-                request = query_request(points)
-                body = query_body(points)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await wait_ready(session, base, bridge)
+        cases: list[dict[str, Any]] = []
+        for points in (1, 1000):
+            request = query_request(points)
+            body = query_body(points)
 
-                async def direct(request: pb.QueryDataRequest = request) -> None:
-                    await client.query_data(request, timeout=30)
+            async def direct(request: pb.QueryDataRequest = request) -> None:
+                await client.query_data(request, timeout=30)
 
-                async def through(body: bytes = body) -> None:
-                    async with session.post(query_url, data=body, headers=headers) as response:
-                        await response.read()
-                        if response.status != 200:
-                            raise RuntimeError(f"bridge answered {response.status}")
+            async def through(body: bytes = body) -> None:
+                async with session.post(query_url, data=body, headers=headers) as response:
+                    await response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"bridge answered {response.status}")
 
-                await load(through, seconds=0.5, concurrency=4)  # warm-up
-                for concurrency in args.concurrency:
-                    grpc_figures = await load(direct, seconds=args.seconds, concurrency=concurrency)
-                    http_figures = await load(
-                        through, seconds=args.seconds, concurrency=concurrency
-                    )
-                    cases.append(
-                        {
-                            "points": points,
-                            "concurrency": concurrency,
-                            "direct_grpc": grpc_figures,
-                            "through_bridge": http_figures,
-                            "throughput_ratio": http_figures["rps"] / grpc_figures["rps"],
-                            "p50_ratio": http_figures["p50_ms"] / grpc_figures["p50_ms"],
-                        }
-                    )
-            out["query"] = cases
-
-            delegated: list[dict[str, Any]] = []
+            await load(through, seconds=0.5, concurrency=4)  # warm-up
             for concurrency in args.concurrency:
-
-                async def straight() -> None:
-                    async with session.get(
-                        f"http://127.0.0.1:{delegate_port}/api/health"
-                    ) as response:
-                        await response.read()
-
-                async def proxied() -> None:
-                    async with session.get(f"{base}/api/health") as response:
-                        await response.read()
-
-                direct_figures = await load(straight, seconds=args.seconds, concurrency=concurrency)
-                proxied_figures = await load(proxied, seconds=args.seconds, concurrency=concurrency)
-                delegated.append(
+                grpc_figures = await load(direct, seconds=args.seconds, concurrency=concurrency)
+                http_figures = await load(through, seconds=args.seconds, concurrency=concurrency)
+                cases.append(
                     {
+                        "points": points,
                         "concurrency": concurrency,
-                        "direct": direct_figures,
-                        "through_bridge": proxied_figures,
-                        "throughput_ratio": proxied_figures["rps"] / direct_figures["rps"],
-                        "added_p50_ms": proxied_figures["p50_ms"] - direct_figures["p50_ms"],
+                        "direct_grpc": grpc_figures,
+                        "through_bridge": http_figures,
+                        "throughput_ratio": http_figures["rps"] / grpc_figures["rps"],
+                        "p50_ratio": http_figures["p50_ms"] / grpc_figures["p50_ms"],
                     }
                 )
-            out["delegated"] = delegated
-    finally:
-        bridge.send_signal(signal.SIGTERM)
-        try:
-            bridge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            bridge.kill()
-            bridge.wait()
-        await client.close()
-        await plugin.stop(grace=2.0)
-        await runner.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+        out["query"] = cases
+
+        delegated: list[dict[str, Any]] = []
+        for concurrency in args.concurrency:
+
+            async def straight() -> None:
+                async with session.get(f"http://127.0.0.1:{delegate_port}/api/health") as response:
+                    await response.read()
+
+            async def proxied() -> None:
+                async with session.get(f"{base}/api/health") as response:
+                    await response.read()
+
+            direct_figures = await load(straight, seconds=args.seconds, concurrency=concurrency)
+            proxied_figures = await load(proxied, seconds=args.seconds, concurrency=concurrency)
+            delegated.append(
+                {
+                    "concurrency": concurrency,
+                    "direct": direct_figures,
+                    "through_bridge": proxied_figures,
+                    "throughput_ratio": proxied_figures["rps"] / direct_figures["rps"],
+                    "added_p50_ms": proxied_figures["p50_ms"] - direct_figures["p50_ms"],
+                }
+            )
+        out["delegated"] = delegated
     return out
 
 

@@ -30,21 +30,32 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
+from benchmarks._common import (
+    CALL_TIMEOUT,
+    GO_PLUGIN_ID,
+    PY_FIXTURE,
+    PY_PLUGIN_ID,
+    ROOT,
+    START_TIMEOUT,
+    STOP_GRACE,
+    BenchmarkError,
+    StopFlag,
+    go_fixture_binary,
+    machine_info,
+    plugin_env,
+    run_guarded,
+)
+from benchmarks._common import interpolated_percentile as percentile
 from plugin_host.client import BackendClient, open_channel
 from plugin_host.errors import PluginError
-from plugin_host.handshake import MAGIC_COOKIE_KEY, GrafanaIdentity, build_environment
+from plugin_host.handshake import MAGIC_COOKIE_KEY
 from plugin_host.process import (
     PARENT_DEATH_SIGNAL_VIA,
     PluginProcess,
@@ -52,62 +63,10 @@ from plugin_host.process import (
     make_socket_root,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-BUILD_SCRIPT = ROOT / "scripts" / "build_go_fixture.py"
-PY_FIXTURE = ROOT / "fixtures" / "plugins" / "python-datasource" / "gpx_pyfixture_linux_amd64"
-GO_PLUGIN_ID = "bridge-gofixture-datasource"
-PY_PLUGIN_ID = "bridge-pyfixture-datasource"
-
-START_TIMEOUT = 30.0
-CALL_TIMEOUT = 10.0
-STOP_GRACE = 2.0  # the host's default, as go-plugin's
 SETPRIV = shutil.which("setpriv")
 
 
-class BenchmarkError(Exception):
-    """The benchmark cannot run or a plugin misbehaved; the message says why."""
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM arrived."""
-
-
-class StopFlag:
-    """Set by SIGINT and SIGTERM, which also cancel the main task at once.
-
-    A cancellation can be absorbed on its way (``PluginProcess.stop`` on Python 3.11 sometimes
-    swallows one that arrives during its Shutdown call), so loops also check this flag.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def check(self) -> None:
-        if self.requested:
-            raise Interrupted
-
-    def install(self) -> None:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-
-        def on_signal() -> None:
-            self.requested = True
-            if task is not None:
-                task.cancel()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, on_signal)
-
-
 # -- numbers ---------------------------------------------------------------------------------
-
-
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default) on sorted, non-empty data."""
-    pos = (len(ordered) - 1) * q
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 @dataclass
@@ -176,58 +135,6 @@ class PluginSeries:
 
 
 # -- the machine -----------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict[str, str | int | None]:
-    """What a reader needs to compare figures; the load average shows a busy machine."""
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "loadavg_1m_at_start": f"{os.getloadavg()[0]:.2f}",
-    }
-
-
-def go_fixture_binary(given: Path | None) -> Path:
-    """The Go fixture, built (or found up to date) by scripts/build_go_fixture.py."""
-    if given is not None:
-        if not os.access(given, os.X_OK):
-            raise BenchmarkError(f"{given} is not an executable file")
-        return given
-    proc = subprocess.run(
-        [sys.executable, str(BUILD_SCRIPT), "--no-install"],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-    )
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise BenchmarkError(
-            "building the Go fixture failed (run scripts/setup.sh first):\n"
-            + (proc.stderr.strip() or proc.stdout.strip())
-        )
-    return Path(proc.stdout.strip().splitlines()[-1])
-
-
-def plugin_env() -> dict[str, str]:
-    """The environment the host gives a plugin (no fixture behaviour)."""
-    env = build_environment(host_env=os.environ, grafana=GrafanaIdentity())
-    env.pop("FIXTURE_BEHAVIOUR", None)
-    return env
 
 
 def without_cookie(env: Mapping[str, str]) -> dict[str, str]:
@@ -600,14 +507,7 @@ async def _main(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(_main(args))
-    except (KeyboardInterrupt, asyncio.CancelledError, Interrupted):
-        print("interrupted; every plugin process was stopped", file=sys.stderr)
-        return 130
-    except BenchmarkError as exc:
-        print(f"plugin_start: error: {exc}", file=sys.stderr)
-        return 1
+    return run_guarded("plugin_start", lambda: asyncio.run(_main(args)))
 
 
 if __name__ == "__main__":

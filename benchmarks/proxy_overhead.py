@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import signal
-import subprocess
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,13 +27,20 @@ import aiohttp
 import psutil
 from aiohttp import web
 
-from benchmarks.front_door import free_port, load, wait_ready
+from benchmarks._common import (
+    PY_FIXTURE,
+    TOKEN,
+    free_port,
+    load,
+    start_bridge,
+    stop_bridge,
+    wait_ready,
+    write_bench_config,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "fixtures" / "plugins" / "python-datasource"
+FIXTURE = PY_FIXTURE.parent
 PLUGIN_ID = "bridge-benchproxy-datasource"
 GROUP = "benchproxy.datasource.grafana.app"
-TOKEN = "bench-token"
 BIG = b"x" * (1 << 20)
 ROUTES = [
     {
@@ -59,7 +64,6 @@ def write_workdir(workdir: Path, *, datasource_url: str, port: int) -> Path:
     launcher = plugin / executable
     launcher.write_text(f'#!/bin/sh\nexec "{FIXTURE / executable}" "$@"\n')
     launcher.chmod(0o755)
-    (workdir / "provisioning" / "datasources").mkdir(parents=True)
     datasource = {
         "name": "bench",
         "uid": "bench",
@@ -70,46 +74,18 @@ def write_workdir(workdir: Path, *, datasource_url: str, port: int) -> Path:
         "jsonData": {"url": datasource_url, "tenant": "t1"},
         "secureJsonData": {"apiKey": "k", "basicAuthPassword": "p"},
     }
-    (workdir / "provisioning" / "datasources" / "bench.yaml").write_text(
-        json.dumps({"apiVersion": 1, "datasources": [datasource]})
+    return write_bench_config(
+        workdir,
+        port=port,
+        plugin_id=PLUGIN_ID,
+        group=GROUP,
+        service="datasource-proxy",
+        plugins={"directories": ["plugins"], "allow_unsigned": [PLUGIN_ID]},
+        datasource=datasource,
+        dataplane={"auto_register": "none"},
+        storage={"backend": "memory"},
+        delegate={"url": datasource_url},
     )
-    (workdir / "manifests").mkdir()
-    (workdir / "manifests" / "bench.yaml").write_text(
-        json.dumps(
-            {
-                "apiVersion": "aggregation.grafana.app/v0alpha1",
-                "kind": "DataPlaneService",
-                "metadata": {"name": f"v0alpha1.{GROUP}"},
-                "spec": {
-                    "pluginID": PLUGIN_ID,
-                    "pluginType": "datasource",
-                    "group": GROUP,
-                    "version": "v0alpha1",
-                    "services": [{"type": "datasource-proxy"}],
-                },
-            }
-        )
-    )
-    tokens = workdir / "tokens.csv"
-    tokens.write_text(f"{TOKEN},bench,1,\n")
-    tokens.chmod(0o600)
-    config = {
-        "server": {"listen": f"127.0.0.1:{port}"},
-        "plugins": {"directories": ["plugins"], "allow_unsigned": [PLUGIN_ID]},
-        "provisioning": {"directories": ["provisioning"]},
-        "dataplane": {"manifests": ["manifests"], "auto_register": "none"},
-        "storage": {"backend": "memory"},
-        "auth": {
-            "mode": "token",
-            "token_file": "tokens.csv",
-            "users": {"bench": {"org_id": 1, "role": "Admin"}},
-        },
-        "delegate": {"url": datasource_url},
-        "logging": {"level": "warning"},
-    }
-    path = workdir / "bridge.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 async def interleaved(
@@ -155,9 +131,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gfb-proxy-bench-", dir="/tmp"))
     port = free_port()
     config = write_workdir(workdir, datasource_url=direct_base, port=port)
-    bridge = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "grafana-bridge"), "serve", "-c", str(config)], cwd=workdir
-    )
+    bridge = start_bridge(config)
     base = f"http://127.0.0.1:{port}"
     proxy = f"{base}/apis/{GROUP}/v0alpha1/namespaces/default/datasources/bench/proxy"
     headers = {"Authorization": f"Bearer {TOKEN}"}
@@ -200,12 +174,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         }
                     )
     finally:
-        bridge.send_signal(signal.SIGTERM)
-        try:
-            bridge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            bridge.kill()
-            bridge.wait()
+        stop_bridge(bridge)
         await runner.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
     return {"proxy": out}

@@ -17,11 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,82 +26,23 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from plugin_host.client import BackendClient, open_channel
-from plugin_host.handshake import GrafanaIdentity, build_environment
-from plugin_host.process import PluginProcess
+from benchmarks._common import (
+    PY_FIXTURE,
+    PY_PLUGIN_ID,
+    TOKEN,
+    attached_plugin,
+    free_port,
+    start_bridge,
+    stop_bridge,
+    wait_ready,
+    write_bench_config,
+)
+from plugin_host.client import BackendClient
 from protos.pluginv2 import backend_pb2 as pb
 
-ROOT = Path(__file__).resolve().parent.parent
-PLUGIN_ID = "bridge-pyfixture-datasource"
-EXECUTABLE = ROOT / "fixtures" / "plugins" / "python-datasource" / "gpx_pyfixture_linux_amd64"
+PLUGIN_ID = PY_PLUGIN_ID
 GROUP = "bench.datasource.grafana.app"
-TOKEN = "bench-token"
 FLOOD = {"intervalMs": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def write_config(workdir: Path, *, plugin_address: str, port: int) -> Path:
-    (workdir / "provisioning" / "datasources").mkdir(parents=True)
-    (workdir / "provisioning" / "datasources" / "bench.yaml").write_text(
-        f"apiVersion: 1\ndatasources:\n  - {{name: bench, type: {PLUGIN_ID}, uid: bench}}\n"
-    )
-    (workdir / "manifests").mkdir()
-    (workdir / "manifests" / "bench.yaml").write_text(
-        json.dumps(
-            {
-                "apiVersion": "aggregation.grafana.app/v0alpha1",
-                "kind": "DataPlaneService",
-                "metadata": {"name": f"v0alpha1.{GROUP}"},
-                "spec": {
-                    "pluginID": PLUGIN_ID,
-                    "pluginType": "datasource",
-                    "group": GROUP,
-                    "version": "v0alpha1",
-                    "services": [{"type": "stream"}],
-                },
-            }
-        )
-    )
-    tokens = workdir / "tokens.csv"
-    tokens.write_text(f"{TOKEN},bench,1,\n")
-    tokens.chmod(0o600)
-    config = {
-        "server": {"listen": f"127.0.0.1:{port}"},
-        "plugins": {"directories": [], "attach": {PLUGIN_ID: plugin_address}},
-        "provisioning": {"directories": ["provisioning"]},
-        "dataplane": {"manifests": ["manifests"], "auto_register": "none"},
-        "storage": {"backend": "memory"},
-        "auth": {
-            "mode": "token",
-            "token_file": "tokens.csv",
-            "users": {"bench": {"org_id": 1, "role": "Admin"}},
-        },
-        "logging": {"level": "error"},
-    }
-    path = workdir / "bridge.json"
-    path.write_text(json.dumps(config))
-    return path
-
-
-async def wait_ready(
-    session: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes]
-) -> None:
-    for _ in range(300):
-        if proc.poll() is not None:
-            raise RuntimeError(f"the bridge exited with {proc.returncode}")
-        try:
-            async with session.get(f"{base}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-    raise RuntimeError("the bridge did not become ready")
 
 
 async def direct(client: BackendClient, seconds: float) -> float:
@@ -198,40 +135,40 @@ async def fan_out(
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="gfb-stream-bench-", dir="/tmp"))
-    plugin = await PluginProcess.start(
-        plugin_id=PLUGIN_ID,
-        executable=EXECUTABLE,
-        env=build_environment(host_env=os.environ, grafana=GrafanaIdentity()),
-        workdir=workdir / "plugin",
-    )
-    port = free_port()
-    config = write_config(workdir, plugin_address=plugin.handshake.grpc_target, port=port)
-    bridge = subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "grafana-bridge"), "serve", "-c", str(config)], cwd=workdir
-    )
-    client = BackendClient(PLUGIN_ID, open_channel(plugin.handshake.grpc_target))
-    base = f"http://127.0.0.1:{port}"
     out: dict[str, Any] = {"cases": []}
     try:
-        # No connection limit: 100 WebSockets plus the /metrics scrapes.
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-            await wait_ready(session, base, bridge)
-            for subscribers in args.subscribers:
-                baseline = await direct(client, args.seconds)
-                figures = await fan_out(session, base, subscribers, args.seconds)
-                figures["direct_grpc_msgs_per_s"] = baseline
-                figures["per_subscriber_ratio"] = figures["per_subscriber_msgs_per_s"] / baseline
-                figures["total_ratio"] = figures["total_msgs_per_s"] / baseline
-                out["cases"].append(figures)
+        async with attached_plugin(PLUGIN_ID, PY_FIXTURE, workdir / "plugin") as (plugin, client):
+            port = free_port()
+            config = write_bench_config(
+                workdir,
+                port=port,
+                plugin_id=PLUGIN_ID,
+                group=GROUP,
+                service="stream",
+                plugins={"directories": [], "attach": {PLUGIN_ID: plugin.handshake.grpc_target}},
+                dataplane={"auto_register": "none"},
+                storage={"backend": "memory"},
+                logging={"level": "error"},
+            )
+            bridge = start_bridge(config)
+            base = f"http://127.0.0.1:{port}"
+            try:
+                # No connection limit: 100 WebSockets plus the /metrics scrapes.
+                connector = aiohttp.TCPConnector(limit=0)
+                async with aiohttp.ClientSession(connector=connector) as session:
+                    await wait_ready(session, base, bridge)
+                    for subscribers in args.subscribers:
+                        baseline = await direct(client, args.seconds)
+                        figures = await fan_out(session, base, subscribers, args.seconds)
+                        figures["direct_grpc_msgs_per_s"] = baseline
+                        figures["per_subscriber_ratio"] = (
+                            figures["per_subscriber_msgs_per_s"] / baseline
+                        )
+                        figures["total_ratio"] = figures["total_msgs_per_s"] / baseline
+                        out["cases"].append(figures)
+            finally:
+                stop_bridge(bridge)
     finally:
-        bridge.send_signal(signal.SIGTERM)
-        try:
-            bridge.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            bridge.kill()
-            bridge.wait()
-        await client.close()
-        await plugin.stop(grace=2.0)
         shutil.rmtree(workdir, ignore_errors=True)
     return out
 

@@ -1,10 +1,15 @@
-"""Helpers for tests that run real plugin processes."""
+"""Helpers for tests (and benchmarks) that run real plugin and bridge processes."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import socket
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -44,3 +49,78 @@ def zombies() -> list[psutil.Process]:
 
 def open_fds() -> int:
     return psutil.Process().num_fds()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on at the moment of asking."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def without_bridge_settings(**marks: str) -> dict[str, str]:
+    """This process's environment minus every ``BRIDGE_*`` variable, plus ``marks``.
+
+    A ``BRIDGE_*`` variable of the machine running the tests must not change what a spawned
+    bridge does; a mark variable, inherited by the bridge's plugins, lets a test find them.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
+    env.update(marks)
+    return env
+
+
+def marked_processes(variable: str, mark: str) -> list[psutil.Process]:
+    """Live processes (zombies excluded) whose environment has ``variable=mark``."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get(variable) == mark and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def kill_all(processes: list[psutil.Process]) -> None:
+    """SIGKILL each of ``processes`` that still exists."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            continue
+
+
+async def wait_gone(processes: list[psutil.Process], timeout: float = 10.0) -> list[int]:
+    """The pids of ``processes`` still alive (zombies aside) after ``timeout`` seconds."""
+    _, alive = await asyncio.to_thread(psutil.wait_procs, processes, timeout=timeout)
+    left = []
+    for process in alive:
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+def terminate(process: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if ``process`` has not exited within ``timeout`` seconds; reaped."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def terminate_async(process: asyncio.subprocess.Process, timeout: float) -> None:
+    """``terminate`` for an asyncio subprocess."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

@@ -11,11 +11,8 @@ only change to the commands is the port, so parallel runs do not collide.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -27,10 +24,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import IN_CI, ROOT
+from tests.helpers import free_port, kill_all, marked_processes, terminate, without_bridge_settings
 
 pytestmark = [pytest.mark.go, pytest.mark.slow]
 
@@ -44,13 +41,6 @@ def readme_blocks() -> dict[str, str]:
     blocks = {m["name"]: m["body"] for m in BLOCK.finditer(README.read_text(encoding="utf-8"))}
     assert list(blocks) == ["query", "more", "kubectl", "client-cert"], list(blocks)
     return blocks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -101,17 +91,6 @@ def _tail(path: Path) -> str:
     return path.read_text(errors="replace")[-4000:] if path.exists() else ""
 
 
-def _marked(mark: str) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(MARK_VARIABLE) == mark:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
-
-
 @pytest.fixture
 def quickstart(go_fixture_binary: Path) -> Iterator[Checkout]:
     if shutil.which("curl") is None:
@@ -129,13 +108,12 @@ def quickstart(go_fixture_binary: Path) -> Iterator[Checkout]:
         (root / "fixtures").symlink_to(ROOT / "fixtures")
         (root / ".venv").symlink_to(ROOT / ".venv")
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        env |= {
-            "HOME": str(root),  # kubectl's cache stays in the temporary checkout
-            "QUICKSTART_SETUP": "0",
-            "BRIDGE_SERVER__LISTEN": f"127.0.0.1:{port}",
-            MARK_VARIABLE: mark,
-        }
+        env = without_bridge_settings(
+            HOME=str(root),  # kubectl's cache stays in the temporary checkout
+            QUICKSTART_SETUP="0",
+            BRIDGE_SERVER__LISTEN=f"127.0.0.1:{port}",
+            **{MARK_VARIABLE: mark},
+        )
         env.pop("KUBECONFIG", None)
         log = root / "quickstart.log"
         with log.open("wb") as out:
@@ -151,18 +129,9 @@ def quickstart(go_fixture_binary: Path) -> Iterator[Checkout]:
         _wait_ready(checkout)
         yield checkout
     finally:
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for leftover in _marked(mark):
-            try:
-                leftover.kill()
-            except psutil.NoSuchProcess:
-                continue
+        if process is not None:
+            terminate(process, 15)
+        kill_all(marked_processes(MARK_VARIABLE, mark))
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -8,9 +8,7 @@ every bridge (and anything carrying its marker) down when the test ends, pass or
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -25,20 +23,26 @@ import aiohttp
 import psutil
 import yaml
 
+from tests.bridge.conftest import dataplane_service
 from tests.conftest import FIXTURE_PLUGINS
-from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID
+from tests.helpers import (
+    GO_FIXTURE_ID,
+    PY_FIXTURE_ID,
+    free_port,
+    kill_all,
+    marked_processes,
+    terminate,
+    wait_gone,
+    without_bridge_settings,
+)
+
+# Re-exported: the tests that run these processes import them from here.
+__all__ = ["free_port", "wait_gone"]
 
 GRAFANA_BRIDGE = Path(sys.executable).with_name("grafana-bridge")
 MARK_VARIABLE = "GFB_TEST_BRIDGE_MARK"
 ADMIN_TOKEN = "test-admin-token"
 DPS_PATH = "/apis/aggregation.grafana.app/v0alpha1/dataplaneservices"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def write_bridge_config(
@@ -94,38 +98,13 @@ def write_bridge_config(
 
 
 def dataplaneservice(group: str, plugin_id: str = PY_FIXTURE_ID) -> dict[str, Any]:
-    return {
-        "apiVersion": "aggregation.grafana.app/v0alpha1",
-        "kind": "DataPlaneService",
-        "metadata": {"name": f"v0alpha1.{group}"},
-        "spec": {
-            "pluginID": plugin_id,
-            "pluginType": "datasource",
-            "group": group,
-            "version": "v0alpha1",
-            "services": [{"type": "route"}],
-        },
-    }
+    """A ``v0alpha1`` DataPlaneService for ``group`` with one ``route`` service."""
+    return dataplane_service(plugin_id, group, services=({"type": "route"},))
 
 
 def health_path(group: str, uid: str = "pyfixture") -> str:
     """A CheckHealth through the group's mount point (needs a provisioned datasource ``uid``)."""
     return f"/apis/{group}/v0alpha1/namespaces/default/datasources/{uid}/health"
-
-
-def marked_processes(mark: str) -> list[psutil.Process]:
-    """Live processes (zombies excluded) whose environment carries ``mark``."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if (
-                process.environ().get(MARK_VARIABLE) == mark
-                and process.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return found
 
 
 class BridgeProcess:
@@ -162,9 +141,7 @@ class BridgeProcess:
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-        env.update(self.extra_env)
-        env[MARK_VARIABLE] = self.mark
+        env = without_bridge_settings(**self.extra_env, **{MARK_VARIABLE: self.mark})
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [str(GRAFANA_BRIDGE), "serve", "-c", str(self.config)],
@@ -184,7 +161,7 @@ class BridgeProcess:
 
     def plugin_processes(self) -> list[psutil.Process]:
         own = self.process.pid if self.process is not None else -1
-        return [p for p in marked_processes(self.mark) if p.pid != own]
+        return [p for p in marked_processes(MARK_VARIABLE, self.mark) if p.pid != own]
 
     def kill(self) -> None:
         """SIGKILL, as the kernel's OOM killer or ``kill -9`` would end it."""
@@ -194,18 +171,9 @@ class BridgeProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 10 s; then nothing carrying the marker is left."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for leftover in marked_processes(self.mark):
-            try:
-                leftover.kill()
-            except psutil.NoSuchProcess:
-                continue
+        if self.process is not None:
+            terminate(self.process, 10)
+        kill_all(marked_processes(MARK_VARIABLE, self.mark))
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 45.0) -> float:
         """Poll ``/readyz`` until 200; returns the seconds it took."""
@@ -261,14 +229,22 @@ def running_bridges() -> Iterator[list[BridgeProcess]]:
             bridge.stop()
 
 
-async def wait_gone(processes: list[psutil.Process], timeout: float = 10.0) -> list[int]:
-    """The pids of ``processes`` still alive (zombies aside) after ``timeout`` seconds."""
-    _, alive = await asyncio.to_thread(psutil.wait_procs, processes, timeout=timeout)
-    left = []
-    for process in alive:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                left.append(process.pid)
-        except psutil.NoSuchProcess:
-            continue
-    return left
+async def spawn_serve(
+    config: Path, *, cwd: Path, log_path: Path, env: dict[str, str]
+) -> tuple[asyncio.subprocess.Process, str]:
+    """``grafana-bridge serve -c config`` as an asyncio subprocess in ``cwd``, its output to
+    ``log_path``; the process and its base URL (from the config's ``server.listen``)."""
+    listen = yaml.safe_load(config.read_text())["server"]["listen"]
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            str(GRAFANA_BRIDGE),
+            "serve",
+            "-c",
+            str(config),
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+        )
+    return process, f"http://{listen}"

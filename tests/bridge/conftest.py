@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -34,7 +33,11 @@ from bridge.server import Bridge
 from plugin_host.logs import plugin_logger
 from plugin_host.supervisor import PluginState, PluginStatus
 from tests.conftest import FIXTURE_PLUGINS, PY_FIXTURE_DIR
-from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID
+from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID, free_port
+
+# Re-exported: the front-door tests take free_port (a loopback port nobody listens on, e.g. for
+# a delegate that is down) from here.
+__all__ = ["free_port"]
 
 WAIT = 15.0  # upper bound for anything awaited; the tests finish far sooner
 PY = PY_FIXTURE_ID
@@ -177,14 +180,6 @@ def bridge_config(
     }
     settings.update(overrides or {})
     return load_config(environ={}, overrides=settings)
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (a delegate that is down)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # -- serving -----------------------------------------------------------------------------------

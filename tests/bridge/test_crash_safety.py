@@ -37,18 +37,14 @@ from tests.bridge.bridge_process import (
 from tests.bridge.storage.conftest import running_etcd
 from tests.bridge.storage.etcd_server import EtcdServer
 
-pytestmark = [pytest.mark.go, pytest.mark.slow]
+# fixtures/plugins is only complete once the Go fixture's binary is there.
+pytestmark = [pytest.mark.go, pytest.mark.slow, pytest.mark.usefixtures("go_fixture_binary")]
 
 WRITERS = 4
 NAMES_PER_WRITER = 4
 WRITE_FOR = 1.5  # seconds of writing before the kill
 MERGE_PATCH = "application/merge-patch+json"
 GONE = -1  # generation meaning "deleted"
-
-
-@pytest.fixture(autouse=True)
-def _go_fixture_built(go_fixture_binary: Path) -> None:
-    """fixtures/plugins is only complete once the Go fixture's binary is there."""
 
 
 @pytest.fixture(scope="module")

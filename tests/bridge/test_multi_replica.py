@@ -29,14 +29,10 @@ from tests.bridge.bridge_process import (
 from tests.bridge.storage.conftest import running_etcd
 from tests.bridge.storage.etcd_server import EtcdServer
 
-pytestmark = [pytest.mark.go, pytest.mark.slow]
+# fixtures/plugins is only complete once the Go fixture's binary is there.
+pytestmark = [pytest.mark.go, pytest.mark.slow, pytest.mark.usefixtures("go_fixture_binary")]
 
 PROPAGATION_LIMIT = 1.0  # seconds from the 2xx of a write to the other replica serving it
-
-
-@pytest.fixture(autouse=True)
-def _go_fixture_built(go_fixture_binary: Path) -> None:
-    """fixtures/plugins is only complete once the Go fixture's binary is there."""
 
 
 @pytest.fixture
@@ -76,31 +72,32 @@ async def start_pair(
     return a, b
 
 
-async def serves_within(
-    bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float
+async def answers_within(
+    bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float, code: int
 ) -> float:
-    """Seconds until ``bridge`` answers 200 through ``group``; fails after ``limit`` seconds."""
+    """Seconds until ``bridge`` answers ``code`` through ``group``; fails after ``limit``."""
     started = time.monotonic()
     last: tuple[int, object] = (0, None)
     while time.monotonic() - started < limit:
         last = await bridge.request(session, "GET", health_path(group), timeout=2)
-        if last[0] == 200:
+        if last[0] == code:
             return time.monotonic() - started
         await asyncio.sleep(0.02)
-    raise AssertionError(f"{bridge.url} did not serve {group} within {limit}s: {last}")
+    raise AssertionError(f"{bridge.url} did not answer {code} for {group} in {limit}s: {last}")
+
+
+async def serves_within(
+    bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float
+) -> float:
+    """Seconds until ``bridge`` serves ``group`` (200); fails after ``limit`` seconds."""
+    return await answers_within(bridge, session, group, limit, 200)
 
 
 async def unmounted_within(
     bridge: BridgeProcess, session: aiohttp.ClientSession, group: str, limit: float
 ) -> None:
-    started = time.monotonic()
-    status = 0
-    while time.monotonic() - started < limit:
-        status, _ = await bridge.request(session, "GET", health_path(group), timeout=2)
-        if status == 404:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{bridge.url} still answers {status} for removed {group}")
+    """``group`` is gone from ``bridge`` (404) within ``limit`` seconds."""
+    await answers_within(bridge, session, group, limit, 404)
 
 
 async def create(bridge: BridgeProcess, session: aiohttp.ClientSession, group: str) -> None:

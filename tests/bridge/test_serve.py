@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,22 +20,23 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.bridge.bridge_process import spawn_serve
 from tests.conftest import FIXTURE_PLUGINS
-from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID
+from tests.helpers import (
+    GO_FIXTURE_ID,
+    PY_FIXTURE_ID,
+    free_port,
+    marked_processes,
+    wait_gone,
+    without_bridge_settings,
+)
 
-GRAFANA_BRIDGE = Path(sys.executable).with_name("grafana-bridge")
 # Set in the bridge's environment; plugins inherit it, so this test's plugins can be told apart
 # from any other plugin process on the machine, even after the bridge is gone.
 MARK_VARIABLE = "GFB_TEST_SERVE_MARK"
 
-pytestmark = [pytest.mark.go, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+# fixtures/plugins is only complete once the Go fixture's binary is there.
+pytestmark = [pytest.mark.go, pytest.mark.slow, pytest.mark.usefixtures("go_fixture_binary")]
 
 
 def write_config(tmp_path: Path, port: int, **plugins: Any) -> Path:
@@ -57,21 +56,6 @@ def write_config(tmp_path: Path, port: int, **plugins: Any) -> Path:
     return path
 
 
-def marked_processes(mark: str) -> list[psutil.Process]:
-    """Live processes (zombies excluded) whose environment carries ``mark``."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if (
-                process.environ().get(MARK_VARIABLE) == mark
-                and process.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
-
-
 @dataclass
 class Bridge:
     process: asyncio.subprocess.Process
@@ -84,7 +68,7 @@ class Bridge:
         return self.log_path.read_text(errors="replace")
 
     def plugin_processes(self) -> list[psutil.Process]:
-        return [p for p in marked_processes(self.mark) if p.pid != self.process.pid]
+        return [p for p in marked_processes(MARK_VARIABLE, self.mark) if p.pid != self.process.pid]
 
     async def wait_ready(self, session: aiohttp.ClientSession, timeout: float = 30.0) -> None:
         """Poll ``/readyz`` until 200; the port refuses connections while plugins start."""
@@ -120,24 +104,15 @@ class Bridge:
 async def run_bridge(config: Path, tmp_path: Path) -> AsyncIterator[Bridge]:
     """``grafana-bridge serve -c config``; killed (and its plugins with it) if a test leaves it."""
     mark = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env[MARK_VARIABLE] = mark
-    listen = yaml.safe_load(config.read_text())["server"]["listen"]
     log_path = tmp_path / "bridge.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            str(GRAFANA_BRIDGE),
-            "serve",
-            "-c",
-            str(config),
-            cwd=tmp_path,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
+    process, url = await spawn_serve(
+        config,
+        cwd=tmp_path,
+        log_path=log_path,
+        env=without_bridge_settings(**{MARK_VARIABLE: mark}),
+    )
     try:
-        yield Bridge(process, f"http://{listen}", mark, log_path)
+        yield Bridge(process, url, mark, log_path)
     finally:
         if process.returncode is None:
             process.kill()
@@ -160,26 +135,13 @@ def socket_root(plugin: psutil.Process) -> Path:
 
 
 async def assert_gone(processes: list[psutil.Process], timeout: float = 5.0) -> None:
-    _, alive = await asyncio.to_thread(psutil.wait_procs, processes, timeout=timeout)
-    left = []
-    for process in alive:
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                left.append(process.pid)
-        except psutil.NoSuchProcess:
-            continue
-    assert left == []
+    assert await wait_gone(processes, timeout) == []
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as client:
         yield client
-
-
-@pytest.fixture(autouse=True)
-def _go_fixture_built(go_fixture_binary: Path) -> None:
-    """fixtures/plugins is only complete once the Go fixture's binary is there."""
 
 
 # -- serving ---------------------------------------------------------------------------------

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sys
 import time
 import uuid
@@ -29,6 +27,7 @@ import aiohttp
 import psutil
 import yaml
 
+from tests.bridge.bridge_process import spawn_serve
 from tests.bridge.conftest import (
     USERS,
     dataplane_service,
@@ -42,8 +41,8 @@ from tests.bridge.conftest import (
     write_token_file,
 )
 from tests.conftest import FIXTURE_PLUGINS
+from tests.helpers import marked_processes, terminate_async, without_bridge_settings
 
-GRAFANA_BRIDGE = Path(sys.executable).with_name("grafana-bridge")
 MARK = "RELIABILITY_PLUGIN"
 RUN_MARK = "RELIABILITY_RUN"
 ADMIN = {"Authorization": f"Bearer {token_for('admin')}"}
@@ -128,14 +127,7 @@ def write_config(
 
 def marked(run: str) -> list[psutil.Process]:
     """Live processes (zombies excluded) of this run: the bridge's plugins carry ``run``."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(RUN_MARK) == run and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    return marked_processes(RUN_MARK, run)
 
 
 @dataclass
@@ -202,39 +194,21 @@ class ServedBridge:
 async def serve_bridge(config: Path, root: Path) -> AsyncIterator[ServedBridge]:
     """``grafana-bridge serve -c config``; SIGTERM at the end, and no plugin may outlive it."""
     run = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BRIDGE_")}
-    env[RUN_MARK] = run
-    listen = yaml.safe_load(config.read_text())["server"]["listen"]
     log_path = root / "bridge.log"
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            str(GRAFANA_BRIDGE),
-            "serve",
-            "-c",
-            str(config),
-            cwd=root,
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-        )
+    process, url = await spawn_serve(
+        config, cwd=root, log_path=log_path, env=without_bridge_settings(**{RUN_MARK: run})
+    )
     timeout = aiohttp.ClientTimeout(total=15)
     # No keep-alive for probes and scrapes: an idle pooled connection is a live task and fd in
     # the bridge, which would blur the leak figures. The load brings its own session.
     connector = aiohttp.TCPConnector(force_close=True)
     try:
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-            bridge = ServedBridge(process, f"http://{listen}", run, log_path, session)
+            bridge = ServedBridge(process, url, run, log_path, session)
             await bridge.wait_ready()
             yield bridge
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 20)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate_async(process, 20)
 
 
 async def leftover_plugins(run: str, timeout: float = 5.0) -> int:
@@ -328,34 +302,8 @@ async def run_load(
     They share one keep-alive session, closed at the end so that the bridge's connection
     handlers for it end too before anyone counts tasks and fds.
     """
-    async with aiohttp.ClientSession() as session:
-        await _load(
-            session,
-            url,
-            mix,
-            stats,
-            stop,
-            workers=workers,
-            deadline=deadline,
-            pause=pause,
-            allowed=allowed,
-        )
 
-
-async def _load(
-    session: aiohttp.ClientSession,
-    url: str,
-    mix: list[tuple[str, Request]],
-    stats: LoadStats,
-    stop: asyncio.Event,
-    *,
-    workers: int,
-    deadline: float,
-    pause: float,
-    allowed: frozenset[int],
-) -> None:
-
-    async def worker(offset: int) -> None:
+    async def worker(session: aiohttp.ClientSession, offset: int) -> None:
         index = offset
         while not stop.is_set():
             kind, request = mix[index % len(mix)]
@@ -366,7 +314,8 @@ async def _load(
             if pause:
                 await asyncio.sleep(pause)
 
-    await asyncio.gather(*(worker(i) for i in range(workers)))
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(worker(session, i) for i in range(workers)))
 
 
 async def recovery_time(
@@ -413,10 +362,5 @@ class StandIn:
 
     async def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        if process is not None:
+            await terminate_async(process, 5)

@@ -8,7 +8,6 @@ its delegate's). Callers are told apart by bearer token (``TOKENS``).
 from __future__ import annotations
 
 import copy
-import socket
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -24,6 +23,7 @@ from bridge.app import errors_middleware
 from bridge.identity import Identity, OrgRole
 from bridge.status import StatusError
 from tests.bridge.apiserver.store import ObservedStore
+from tests.helpers import free_port
 
 BASE = "/apis/aggregation.grafana.app/v0alpha1/dataplaneservices"
 TABLE = "application/json;as=Table;v=v1;g=meta.k8s.io"
@@ -116,13 +116,6 @@ async def store() -> ObservedStore:
 async def client(store: ObservedStore) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     async with TestClient(TestServer(build_app(store), host="127.0.0.1")) as running:
         yield running
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @asynccontextmanager
