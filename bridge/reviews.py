@@ -10,15 +10,22 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import jsonpatch
 from aiohttp import web
 
 from bridge.status import StatusError
 from protos.pluginv2 import backend_pb2 as pb
+
+if TYPE_CHECKING:
+    from bridge.handlers.base import Call
+
+log = logging.getLogger(__name__)
+_Review = TypeVar("_Review")
 
 ADMISSION_API_VERSION = "admission.k8s.io/v1"
 ADMISSION_KIND = "AdmissionReview"
@@ -60,6 +67,29 @@ def check_content_type(request: web.Request) -> None:
         raise StatusError(
             415, f"unsupported Content-Type {raw!r}: a review must be sent as application/json"
         )
+
+
+async def read_review(call: Call, parse: Callable[[bytes], _Review], kind: str) -> _Review:
+    """The request's review, parsed by ``parse``; a refusal is logged once (info) and raised."""
+    try:
+        check_content_type(call.request)
+        return parse(await call.request.read())
+    except StatusError as exc:
+        log.info(
+            "refused a%s %s for %s from %s: %s",
+            "n" if kind[0] in "AEIOU" else "",
+            kind,
+            call.match.service.name,
+            call.identity.login,
+            exc.message,
+        )
+        raise
+
+
+def review_response(document: Mapping[str, Any]) -> web.Response:
+    """A review answered: 200 whatever the verdict, as an API server reads any other status as
+    a failed webhook (and applies its failurePolicy)."""
+    return web.Response(body=encode(document), content_type="application/json", status=200)
 
 
 def _reject_constant(name: str) -> Any:

@@ -350,6 +350,11 @@ class StreamHub:
                     subscriber.push(notice)
                 await asyncio.sleep(delay)
                 self._restarts.labels(key.plugin_id).inc()
+        except Exception:
+            # A bug, not a plugin failure: without this the channel would stay registered with
+            # a dead task, its subscribers waiting forever and new ones joining a dead stream.
+            log.exception("stream %s failed unexpectedly; ending it", key.channel)
+            self._end(channel, StreamEnd(CLOSE_INTERNAL, "internal error in the bridge"))
         finally:
             self._running.labels(key.plugin_id).dec()
 

@@ -1,4 +1,5 @@
-"""Destination hosts, compared in one canonical form (lower-case IDNA, default ports filled)."""
+"""Destination hosts, compared in one canonical form (the ASCII host connected to, lower-case,
+default ports filled)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,23 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def canonical_host(host: str) -> str:
-    """Lower-case ASCII (IDNA) form of a host name; IP literals unchanged but lower-cased."""
-    host = host.strip().rstrip(".").lower()
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
+    """The ASCII form of a host name that a connection would use, lower-case, without a trailing
+    dot; IP literals lower-cased, without brackets.
+
+    Encoded exactly as yarl (so aiohttp) encodes it for the connection, IDNA 2008 with UTS 46
+    mapping: ``straße.de`` is ``xn--strae-oqa.de`` here as on the wire, never ``strasse.de``
+    (a different domain, which Python's IDNA 2003 codec would give).
+    """
+    text = host.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        return host.encode("idna").decode("ascii") if not host.isascii() else host
-    except UnicodeError as exc:
+        encoded = URL.build(scheme="http", host=text).raw_host
+    except (ValueError, UnicodeError) as exc:
         raise ValueError(f"invalid host name {host!r}: {exc}") from None
+    if not encoded:
+        raise ValueError(f"invalid host name {host!r}")
+    return encoded.rstrip(".").lower()
 
 
 def canonical_host_entry(entry: str) -> str:
@@ -43,7 +53,7 @@ def canonical_host_entry(entry: str) -> str:
 
 def destination(url: URL) -> tuple[str, int]:
     """The canonical (host, port) a URL connects to."""
-    host = canonical_host(url.host or "")
+    host = canonical_host(url.raw_host or "")
     port = url.port or _DEFAULT_PORTS.get(url.scheme, 0)
     return host, port
 

@@ -9,38 +9,33 @@ Grafana credentials and cookies never leave; ``Set-Cookie`` never comes back; re
 never followed and are passed on only when they stay under the destination; every destination
 may be restricted by ``datasource_proxy.allowed_hosts``; an upstream 401 becomes a 400.
 Bodies stream both ways. Everything an operator sees is in docs/datasource-proxy.md.
+
+This module is the handler (route, role, token, forwarding, the answer); the destination URL
+and its confinement are in ``target.py``, header scrubbing both ways in ``headers.py``.
 """
 
 from __future__ import annotations
 
-import base64
+import contextlib
 import json
 import logging
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import parse_qsl, quote, urlencode
 
 import aiohttp
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from yarl import URL
 
-from bridge.auth import forwardable_headers
-from bridge.dsproxy.hosts import allowed, canonical_host_entry, destination, host_key
-from bridge.dsproxy.routes import (
-    FORBIDDEN_ROUTE_HEADERS,
-    ProxyRoute,
-    RoutesError,
-    compile_routes,
-    match_route,
-)
+from bridge.dsproxy.headers import custom_header_ok, downstream_headers, upstream_headers
+from bridge.dsproxy.hosts import allowed, destination, host_key
+from bridge.dsproxy.routes import ProxyRoute, RoutesError, compile_routes, match_route
 from bridge.dsproxy.settings import DatasourceProxySettings
-from bridge.dsproxy.templates import Template, TemplateData, TemplateError
+from bridge.dsproxy.target import Target, absolute, build_target, map_location, render
+from bridge.dsproxy.templates import TemplateData
 from bridge.dsproxy.tokens import TokenCache, TokenError, TokenKey
 from bridge.provisioning import DataSourceSettings
 from bridge.status import StatusError
@@ -57,43 +52,8 @@ DatasourceLookup = Callable[[int, str, str], DataSourceSettings]
 RoutesLookup = Callable[[str], Sequence[Mapping[str, Any]] | None]
 """``plugin_id`` → its plugin.json ``routes``, or None when the plugin is not loaded."""
 
-_HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"}
-)
-# Never sent to the datasource: the caller's credentials for the bridge/Grafana, identity
-# headers only the bridge may set, and what Grafana clears for CORS reasons.
-_DROP_REQUEST: Final = frozenset(
-    {
-        "authorization",
-        "cookie",
-        "x-ds-authorization",
-        "x-grafana-user",
-        "x-grafana-id",
-        "x-grafana-org-id",
-        "x-grafana-device-id",
-        "x-id-token",
-        "x-webauth-user",
-        "origin",
-        "referer",
-        "expect",
-        "user-agent",
-        "content-length",
-        "content-encoding",
-    }
-)
-_DROP_RESPONSE: Final = frozenset({"set-cookie", "set-cookie2", "location"})
 _NO_AUTO_HEADERS: Final = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE)
-# RFC 3986 pchar minus "/" (segments are quoted one at a time).
-_SEGMENT_SAFE: Final = "!$&'()*+,;=:@-._~"
-_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    url: URL
-    base: URL  # the destination's own URL; url's path is confined under base's
-    route_prefix: str  # the route path the proxy path lost on the way (redirect mapping)
 
 
 class _Logged(StatusError):
@@ -151,7 +111,9 @@ class DatasourceProxy:
         self._compiled: dict[
             str, tuple[Sequence[Mapping[str, Any]], tuple[ProxyRoute, ...] | RoutesError]
         ] = {}
-        self._tls: dict[tuple[int, str, int], ssl.SSLContext] = {}
+        # (org, uid) → (the CA bundle it was built from, the context): one per datasource,
+        # replaced when the datasource's CA changes.
+        self._tls: dict[tuple[int, str], tuple[str, ssl.SSLContext]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._warned: set[tuple[int, str, str]] = set()
         self._requests = Counter(
@@ -266,9 +228,16 @@ class DatasourceProxy:
                 413, f"the request body is larger than the limit of {self._max_body} bytes"
             )
         data = TemplateData(datasource.json_data, datasource.secure_json_data)
-        target = self._target(datasource, route, proxy_path, request.rel_url.raw_query_string, data)
+        raw_query = request.rel_url.raw_query_string
+        target = build_target(datasource, route, proxy_path, raw_query, data)
         self._check_allowed(target.url, uid)
-        headers = self._upstream_headers(call, datasource)
+        headers = upstream_headers(
+            request,
+            identity=call.identity,
+            datasource=datasource,
+            user_agent=self._user_agent,
+            send_user_header=self.settings.send_user_header,
+        )
         body: bytes | _Body | None = None
         if route is not None:
             self._apply_route_headers(route, data, headers)
@@ -285,63 +254,11 @@ class DatasourceProxy:
             call, datasource=datasource, target=target, headers=headers, body=body
         )
 
-    def _target(
-        self,
-        datasource: DataSourceSettings,
-        route: ProxyRoute | None,
-        proxy_path: str,
-        raw_query: str,
-        data: TemplateData,
-    ) -> _Target:
-        rest = proxy_path
-        route_prefix = ""
-        if route is not None and route.url is not None:
-            rendered = _render(route, "url", route.url, data)
-            base = _absolute(rendered, f"{route.describe()} url renders to")
-            rest = proxy_path[len(route.path) :] if proxy_path.startswith(route.path) else ""
-            route_prefix = route.path
-        else:
-            if not datasource.url.strip():
-                raise StatusError(502, f"datasource {datasource.uid!r} has no URL to proxy to")
-            base = _absolute(datasource.url.strip(), f"datasource {datasource.uid!r} has URL")
-        path = _join(base.raw_path, _encode_path(rest))
-        if not _confined(path, base.raw_path):
-            raise StatusError(400, "the proxied path leaves the datasource's URL")
-        query = raw_query
-        if route is not None and route.url_params:
-            query = self._route_query(route, raw_query, data)
-        url = URL.build(
-            scheme=base.scheme,
-            host=base.raw_host or "",
-            port=base.explicit_port,
-            path=path,
-            query_string=query,
-            encoded=True,
-        )
-        return _Target(url=url, base=base, route_prefix=route_prefix)
-
-    def _route_query(self, route: ProxyRoute, raw_query: str, data: TemplateData) -> str:
-        params = parse_qsl(raw_query, keep_blank_values=True)
-        added: list[tuple[str, str]] = []
-        for index, rule in enumerate(route.url_params):
-            where = f"urlParams[{index}]"
-            name = (
-                rule.name if isinstance(rule.name, str) else _render(route, where, rule.name, data)
-            )
-            content = _render(route, where, rule.content, data)
-            added.append((name, content))
-        # A route's parameter replaces the caller's of the same name: an extra ?tenant= from
-        # the caller must not be able to sit next to (or before) the configured one.
-        names = {name for name, _ in added}
-        merged = [(k, v) for k, v in params if k not in names] + added
-        merged.sort(key=lambda kv: kv[0])  # Go's url.Values.Encode sorts by key
-        return urlencode(merged, quote_via=quote)
-
     def _apply_route_headers(
         self, route: ProxyRoute, data: TemplateData, headers: CIMultiDict[str]
     ) -> None:
         for index, rule in enumerate(route.headers):
-            value = _render(route, f"headers[{index}]", rule.content, data)
+            value = render(route, f"headers[{index}]", rule.content, data)
             if "\r" in value or "\n" in value:
                 raise StatusError(
                     500, f"{route.describe()} headers[{index}] renders to a line break"
@@ -351,7 +268,7 @@ class DatasourceProxy:
     def _route_body(self, route: ProxyRoute, data: TemplateData) -> bytes | None:
         if route.body is None:
             return None
-        rendered = _render(route, "body", route.body, data)
+        rendered = render(route, "body", route.body, data)
         try:
             json.loads(rendered)
         except ValueError:
@@ -387,13 +304,13 @@ class DatasourceProxy:
         token_auth = route.token_auth
         if token_auth is None:
             return None
-        url = _absolute(
-            _render(route, "tokenAuth.url", token_auth.url, data),
+        url = absolute(
+            render(route, "tokenAuth.url", token_auth.url, data),
             f"{route.describe()} tokenAuth.url renders to",
         )
         self._check_allowed(url, datasource.uid)
         params = {
-            name: _render(route, f"tokenAuth.params.{name}", template, data)
+            name: render(route, f"tokenAuth.params.{name}", template, data)
             for name, template in token_auth.params
         }
         key = TokenKey(
@@ -427,15 +344,8 @@ class DatasourceProxy:
         index = 1
         while isinstance(name := data.get(f"httpHeaderName{index}"), str):
             value = datasource.secure_json_data.get(f"httpHeaderValue{index}", "")
-            lower = name.strip().lower()
-            if (
-                not _HEADER_NAME.fullmatch(name.strip())
-                or lower in FORBIDDEN_ROUTE_HEADERS
-                or lower.startswith("proxy-")
-                or "\r" in value
-                or "\n" in value
-            ):
-                warned = (datasource.org_id, datasource.uid, f"header:{lower}")
+            if not custom_header_ok(name.strip(), value):
+                warned = (datasource.org_id, datasource.uid, f"header:{name.strip().lower()}")
                 if warned not in self._warned:
                     self._warned.add(warned)
                     log.warning(
@@ -458,65 +368,23 @@ class DatasourceProxy:
                 f"datasource_proxy.allowed_hosts (datasource {uid!r})",
             )
 
-    def _upstream_headers(self, call: Call, datasource: DataSourceSettings) -> CIMultiDict[str]:
-        request = call.request
-        named = {
-            token.strip().lower()
-            for value in request.headers.getall(hdrs.CONNECTION, [])
-            for token in value.split(",")
-        }
-        out: CIMultiDict[str] = CIMultiDict()
-        for name, value in request.headers.items():
-            lower = name.lower()
-            if (
-                lower in _HOP_BY_HOP
-                or lower in _DROP_REQUEST
-                or lower in named
-                or lower.startswith("proxy-")
-                or lower.startswith("x-forwarded-")
-            ):
-                continue
-            out.add(name, value)
-        # X-Forwarded-*, as Go's ReverseProxy and Grafana's proxyutil set them.
-        prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
-        peer = request.remote or ""
-        if peer:
-            out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-        out["X-Forwarded-Host"] = request.headers.get("X-Forwarded-Host") or request.host
-        out["X-Forwarded-Proto"] = request.headers.get("X-Forwarded-Proto") or request.scheme
-        out[hdrs.USER_AGENT] = self._user_agent
-        forwarded = forwardable_headers(
-            request.headers, identity=call.identity, json_data=datasource.json_data
-        )
-        if "Cookie" in forwarded:
-            out[hdrs.COOKIE] = forwarded["Cookie"]
-        if self.settings.send_user_header and "X-Grafana-User" in forwarded:
-            out["X-Grafana-User"] = forwarded["X-Grafana-User"]
-        if datasource.basic_auth:
-            password = datasource.secure_json_data.get("basicAuthPassword", "")
-            credentials = f"{datasource.basic_auth_user}:{password}".encode()
-            out[hdrs.AUTHORIZATION] = "Basic " + base64.b64encode(credentials).decode("ascii")
-        ds_auth = request.headers.get("X-DS-Authorization")
-        if ds_auth:
-            out[hdrs.AUTHORIZATION] = ds_auth
-        return out
-
     def _ssl(self, datasource: DataSourceSettings) -> ssl.SSLContext | bool:
         data = datasource.json_data
         if data.get("tlsSkipVerify") is True:
             return False
         ca = datasource.secure_json_data.get("tlsCACert", "")
         if data.get("tlsAuthWithCACert") is True and ca:
-            key = (datasource.org_id, datasource.uid, datasource.last_updated_ms)
-            context = self._tls.get(key)
-            if context is None:
-                try:
-                    context = ssl.create_default_context(cadata=ca)
-                except (ssl.SSLError, ValueError):
-                    raise StatusError(
-                        502, f"datasource {datasource.uid!r} has an unusable tlsCACert"
-                    ) from None
-                self._tls[key] = context
+            key = (datasource.org_id, datasource.uid)
+            known = self._tls.get(key)
+            if known is not None and known[0] == ca:
+                return known[1]
+            try:
+                context = ssl.create_default_context(cadata=ca)
+            except (ssl.SSLError, ValueError):
+                raise StatusError(
+                    502, f"datasource {datasource.uid!r} has an unusable tlsCACert"
+                ) from None
+            self._tls[key] = (ca, context)
             return context
         return True
 
@@ -525,7 +393,7 @@ class DatasourceProxy:
         call: Call,
         *,
         datasource: DataSourceSettings,
-        target: _Target,
+        target: Target,
         headers: CIMultiDict[str],
         body: bytes | _Body | None,
     ) -> web.StreamResponse:
@@ -591,7 +459,7 @@ class DatasourceProxy:
             response = web.StreamResponse(
                 status=upstream.status,
                 reason=upstream.reason,
-                headers=_downstream_headers(upstream.headers),
+                headers=downstream_headers(upstream.headers),
             )
             if location is not None:
                 response.headers[hdrs.LOCATION] = location
@@ -602,7 +470,9 @@ class DatasourceProxy:
             with_body = request.method != "HEAD" and upstream.status not in (204, 304)
             complete = await self._copy(request, upstream, response, uid, with_body=with_body)
             if complete:
-                await response.write_eof()
+                # The client may have left after the last byte; nothing may be sent now.
+                with contextlib.suppress(ConnectionError):
+                    await response.write_eof()
             return response
         finally:
             if complete:
@@ -646,16 +516,16 @@ class DatasourceProxy:
             return False
         return True
 
-    def _location(
-        self, call: Call, target: _Target, upstream: aiohttp.ClientResponse
-    ) -> str | None:
+    def _location(self, call: Call, target: Target, upstream: aiohttp.ClientResponse) -> str | None:
         """``Location`` mapped onto the bridge when it stays under the destination.
 
         Elsewhere: a redirect is a 502 (never followed, never passed on); on any other
         status (``201 Created``...) the header is dropped.
         """
         location = upstream.headers[hdrs.LOCATION]
-        mapped = self._map_location(call, target, location)
+        segments = call.request.rel_url.raw_path.split("/")
+        # "", apis, group, version, namespaces, ns, datasources, uid, proxy
+        mapped = map_location(target, location, "/".join(segments[:9]))
         if mapped is not None or upstream.status not in _REDIRECTS:
             return mapped
         log.warning(
@@ -671,102 +541,8 @@ class DatasourceProxy:
             "the datasource redirected to a location outside its URL; redirects are not followed",
         )
 
-    @staticmethod
-    def _map_location(call: Call, target: _Target, location: str) -> str | None:
-        try:
-            resolved = target.url.join(URL(location))
-        except ValueError:
-            return None
-        base = target.base
-        try:
-            same_host = destination(resolved) == destination(base)
-        except ValueError:  # a host name that is not even valid IDNA
-            return None
-        if (
-            resolved.scheme != base.scheme
-            or not same_host
-            or not _confined(resolved.raw_path, base.raw_path)
-        ):
-            return None
-        rel = resolved.raw_path[len(base.raw_path.rstrip("/")) :].lstrip("/")
-        prefix = target.route_prefix
-        mapped = f"{prefix}/{rel}" if prefix and rel else (prefix or rel)
-        segments = call.request.rel_url.raw_path.split("/")
-        bridge = "/".join(segments[:9])  # "", apis, group, version, namespaces, ns, ...
-        query = f"?{resolved.raw_query_string}" if resolved.raw_query_string else ""
-        return f"{bridge}/{mapped}{query}"
-
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _render(route: ProxyRoute, what: str, template: Template, data: TemplateData) -> str:
-    try:
-        return template.render(data)
-    except TemplateError as exc:
-        raise StatusError(500, f"{route.describe()} {what}: {exc}") from None
-
-
-def _absolute(text: str, what: str) -> URL:
-    try:
-        url = URL(text)
-    except ValueError:
-        raise StatusError(502, f"{what} an invalid URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise StatusError(502, f"{what} {text!r}, not an absolute http(s) URL")
-    try:
-        canonical_host_entry(url.host)
-    except ValueError:
-        raise StatusError(502, f"{what} a URL with an invalid host") from None
-    return url
-
-
-def _encode_path(path: str) -> str:
-    return "/".join(quote(segment, safe=_SEGMENT_SAFE) for segment in path.split("/"))
-
-
-def _join(base: str, rest: str) -> str:
-    """Grafana's ``JoinURLFragments``: exactly one ``/`` between the two, ``base`` if no rest."""
-    if not rest:
-        return base or "/"
-    if base.endswith("/") and rest.startswith("/"):
-        return base + rest[1:]
-    if not base.endswith("/") and not rest.startswith("/"):
-        return base + "/" + rest
-    return base + rest
-
-
-def _confined(path: str, base: str) -> bool:
-    stem = base.rstrip("/")
-    if not (path == stem or path.startswith(stem + "/") or (not stem and path.startswith("/"))):
-        return False
-    segments = path.split("/")
-    return ".." not in segments and "." not in segments
-
-
-def _downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower()
-        for value in upstream.getall(hdrs.CONNECTION, [])
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        lower = name.lower()
-        if (
-            lower in _HOP_BY_HOP
-            or lower in _DROP_RESPONSE
-            or lower in named
-            or lower.startswith("proxy-")
-        ):
-            continue
-        out.add(name, value)
-    if len(upstream.getall(hdrs.CONTENT_LENGTH, [])) != 1 or hdrs.TRANSFER_ENCODING in upstream:
-        out.popall(hdrs.CONTENT_LENGTH, None)
-    # CVE-2022-21702: a datasource's HTML must not run as the bridge's origin.
-    out["Content-Security-Policy"] = "sandbox"
-    out["X-Content-Type-Options"] = "nosniff"
-    return out
 
 
 def _drop(request: web.Request) -> None:

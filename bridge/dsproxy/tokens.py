@@ -6,7 +6,8 @@ Grafana's generic token provider: POST the rendered ``params`` form-encoded to t
 holds the datasource (org, uid, last update) and the route (index, path, method), so two
 datasources or two routes never share a token, and editing a datasource drops its tokens. It
 never holds a credential of the caller. Concurrent requests needing the same token wait for a
-single fetch.
+single fetch and share its outcome, a failure included (a failure is not cached: the next
+request tries again).
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class TokenCache:
         self._clock = clock
         self._tokens: dict[TokenKey, _Token] = {}
         self._locks: dict[TokenKey, asyncio.Lock] = {}
+        # Per key: fetches finished, and the last one's failure (None once one succeeds).
+        self._attempts: dict[TokenKey, int] = {}
+        self._failures: dict[TokenKey, TokenError] = {}
         self.fetches = 0  # token requests made, for metrics and tests
 
     def __len__(self) -> int:
@@ -77,12 +81,25 @@ class TokenCache:
         cached = self._fresh(key)
         if cached is not None:
             return cached
+        attempt = self._attempts.get(key, 0)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             cached = self._fresh(key)  # another request may have fetched it meanwhile
             if cached is not None:
                 return cached
-            token = await self._fetch(session, url, params, timeout)
+            failure = self._failures.get(key)
+            if failure is not None and self._attempts.get(key, 0) != attempt:
+                # A fetch that finished while this request waited failed: share its answer
+                # rather than queue fetch after fetch, each up to ``timeout``.
+                raise TokenError(str(failure))
+            try:
+                token = await self._fetch(session, url, params, timeout)
+            except TokenError as exc:
+                self._attempts[key] = self._attempts.get(key, 0) + 1
+                self._failures[key] = exc
+                raise
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+            self._failures.pop(key, None)
             self._forget_stale(key)
             self._tokens[key] = token
             return token.value
@@ -103,6 +120,8 @@ class TokenCache:
         ]:
             del self._tokens[other]
             self._locks.pop(other, None)
+            self._attempts.pop(other, None)
+            self._failures.pop(other, None)
 
     async def _fetch(
         self, session: aiohttp.ClientSession, url: URL, params: Mapping[str, str], timeout: float

@@ -21,10 +21,10 @@ from bridge.reviews import (
     AdmissionReviewRequest,
     admission_response,
     admission_review,
-    check_content_type,
-    encode,
     json_patch,
     parse_admission_review,
+    read_review,
+    review_response,
 )
 from bridge.status import StatusError
 from protos.pluginv2 import backend_pb2 as pb
@@ -33,51 +33,46 @@ log = logging.getLogger(__name__)
 
 
 async def handle_validate(call: Call, deps: Deps) -> web.StreamResponse:
-    review = await _read_review(call)
+    return await _admit(call, deps, mutate=False)
+
+
+async def handle_mutate(call: Call, deps: Deps) -> web.StreamResponse:
+    return await _admit(call, deps, mutate=True)
+
+
+async def _admit(call: Call, deps: Deps, *, mutate: bool) -> web.StreamResponse:
+    review = await read_review(call, parse_admission_review, "AdmissionReview")
     call = review_call(call, review)
     plugin_id = call.plugin_id
     request = review.to_plugin(deps.contexts.for_app(call))
     client = deps.client(plugin_id)
-    with deps.metrics.plugin_call(plugin_id, "validateAdmission"):
-        answer = await client.validate_admission(request, timeout=deps.call_timeout)
-    _log_denial(call, review, answer.allowed, answer.result)
-    return _respond(
-        admission_response(
+    answer: pb.ValidationResponse | pb.MutationResponse
+    if mutate:
+        with deps.metrics.plugin_call(plugin_id, "mutateAdmission"):
+            answer = await client.mutate_admission(request, timeout=deps.call_timeout)
+    else:
+        with deps.metrics.plugin_call(plugin_id, "validateAdmission"):
+            answer = await client.validate_admission(request, timeout=deps.call_timeout)
+    if not answer.allowed:
+        _log_denial(call, review, answer.result)
+        response = admission_response(
             review.uid,
-            allowed=answer.allowed,
+            allowed=False,
             warnings=answer.warnings,
             result=answer.result if answer.HasField("result") else None,
             plugin_id=plugin_id,
         )
-    )
-
-
-async def handle_mutate(call: Call, deps: Deps) -> web.StreamResponse:
-    review = await _read_review(call)
-    call = review_call(call, review)
-    plugin_id = call.plugin_id
-    request = review.to_plugin(deps.contexts.for_app(call))
-    client = deps.client(plugin_id)
-    with deps.metrics.plugin_call(plugin_id, "mutateAdmission"):
-        answer = await client.mutate_admission(request, timeout=deps.call_timeout)
-    _log_denial(call, review, answer.allowed, answer.result)
-    if not answer.allowed:
-        return _respond(
-            admission_response(
-                review.uid,
-                allowed=False,
-                warnings=answer.warnings,
-                result=answer.result if answer.HasField("result") else None,
-                plugin_id=plugin_id,
-            )
-        )
+        return review_response(admission_review(response))
     patch: list[dict[str, Any]] = []
     # No object (DELETE): nothing to patch. No object bytes: the plugin changed nothing.
-    if review.object is not None and answer.object_bytes:
+    if (
+        isinstance(answer, pb.MutationResponse)
+        and review.object is not None
+        and answer.object_bytes
+    ):
         patch = _patch(plugin_id, review.object, answer.object_bytes)
-    return _respond(
-        admission_response(review.uid, allowed=True, warnings=answer.warnings, patch=patch)
-    )
+    response = admission_response(review.uid, allowed=True, warnings=answer.warnings, patch=patch)
+    return review_response(admission_review(response))
 
 
 def review_call(call: Call, review: AdmissionReviewRequest) -> Call:
@@ -99,20 +94,6 @@ def review_call(call: Call, review: AdmissionReviewRequest) -> Call:
     return dataclasses.replace(call, org_id=org_id, namespace=review.namespace)
 
 
-async def _read_review(call: Call) -> AdmissionReviewRequest:
-    try:
-        check_content_type(call.request)
-        return parse_admission_review(await call.request.read())
-    except StatusError as exc:
-        log.info(
-            "refused an AdmissionReview for %s from %s: %s",
-            call.match.service.name,
-            call.identity.login,
-            exc.message,
-        )
-        raise
-
-
 def _patch(plugin_id: str, original: dict[str, Any], raw: bytes) -> list[dict[str, Any]]:
     try:
         mutated = json.loads(raw)
@@ -128,24 +109,14 @@ def _patch(plugin_id: str, original: dict[str, Any], raw: bytes) -> list[dict[st
         ) from None
 
 
-def _log_denial(
-    call: Call, review: AdmissionReviewRequest, allowed: bool, result: pb.StatusResult
-) -> None:
-    if not allowed:
-        log.debug(
-            "plugin %s denied %s %s/%s %s (uid %s): %s",
-            call.plugin_id,
-            review.operation,
-            review.namespace or "-",
-            review.name or "-",
-            review.kind,
-            review.uid,
-            result.message,
-        )
-
-
-def _respond(response: dict[str, Any]) -> web.Response:
-    # 200 whatever the verdict: an API server reads any other status as a failed webhook.
-    return web.Response(
-        body=encode(admission_review(response)), content_type="application/json", status=200
+def _log_denial(call: Call, review: AdmissionReviewRequest, result: pb.StatusResult) -> None:
+    log.debug(
+        "plugin %s denied %s %s/%s %s (uid %s): %s",
+        call.plugin_id,
+        review.operation,
+        review.namespace or "-",
+        review.name or "-",
+        review.kind,
+        review.uid,
+        result.message,
     )

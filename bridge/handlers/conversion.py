@@ -9,30 +9,27 @@ failed conversion is an answer, not an HTTP error: the API server shows the mess
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiohttp import web
 
 from bridge.handlers.base import Call, Deps
 from bridge.reviews import (
-    ConversionReviewRequest,
-    check_content_type,
     check_converted,
     conversion_review,
-    encode,
     parse_conversion_review,
+    read_review,
     result_status,
+    review_response,
 )
-from bridge.status import StatusError
 
 log = logging.getLogger(__name__)
 
 
 async def handle_conversion(call: Call, deps: Deps) -> web.StreamResponse:
-    review = await _read_review(call)
+    review = await read_review(call, parse_conversion_review, "ConversionReview")
     plugin_id = call.plugin_id
     if not review.objects:
-        return _respond(conversion_review(review.uid, converted=[]))
+        return review_response(conversion_review(review.uid, converted=[]))
     # The caller's org: one review may hold objects from many namespaces (a list across
     # namespaces) and is one plugin call, and converting is a function of the object alone.
     request = review.to_plugin(deps.contexts.for_app(call))
@@ -47,29 +44,11 @@ async def handle_conversion(call: Call, deps: Deps) -> web.StreamResponse:
         failure = result_status(
             result, default_message=f"plugin {plugin_id} failed the conversion", default_code=500
         )
-        return _respond(conversion_review(review.uid, failure=failure))
+        return review_response(conversion_review(review.uid, failure=failure))
     try:
         converted = check_converted(review, answer.objects, plugin_id)
     except ValueError as exc:
         log.warning("conversion %s for %s: %s", review.uid, call.match.service.name, exc)
         failure = {"metadata": {}, "status": "Failure", "message": str(exc), "code": 500}
-        return _respond(conversion_review(review.uid, failure=failure))
-    return _respond(conversion_review(review.uid, converted=converted))
-
-
-async def _read_review(call: Call) -> ConversionReviewRequest:
-    try:
-        check_content_type(call.request)
-        return parse_conversion_review(await call.request.read())
-    except StatusError as exc:
-        log.info(
-            "refused a ConversionReview for %s from %s: %s",
-            call.match.service.name,
-            call.identity.login,
-            exc.message,
-        )
-        raise
-
-
-def _respond(document: dict[str, Any]) -> web.Response:
-    return web.Response(body=encode(document), content_type="application/json", status=200)
+        return review_response(conversion_review(review.uid, failure=failure))
+    return review_response(conversion_review(review.uid, converted=converted))

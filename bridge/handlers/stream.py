@@ -178,6 +178,14 @@ async def _websocket(
                 break
     except ConnectionError:
         pass  # the client went away mid-write; the subscription is cleaned up below
+    except Exception:
+        # The socket is upgraded: a Status answer cannot be sent any more (it would be written
+        # into the WebSocket stream). Log it once and close with 1011 instead.
+        log.exception("stream %s: unexpected failure; closing the WebSocket", key.channel)
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1):
+                    await _close(ws, CLOSE_INTERNAL, "internal error in the bridge")
     except asyncio.CancelledError:
         # The client went away, or the server is stopping: say goodbye if the socket is open.
         if not ws.closed:
@@ -208,6 +216,11 @@ async def _pump_ws(ws: web.WebSocketResponse, subscriber: Subscriber) -> None:
         await _close(ws, end.code, end.reason)
     except ConnectionError:
         return  # the client is gone; the handler's read loop sees it and cleans up
+    except Exception:
+        # Never a silent subscriber: closing ends the handler's read loop, which cleans up.
+        log.exception("stream %s: sending to a subscriber failed", subscriber.key.channel)
+        with contextlib.suppress(Exception):
+            await _close(ws, CLOSE_INTERNAL, "internal error in the bridge")
 
 
 async def _publish_ws(

@@ -13,7 +13,7 @@ import json
 import ssl
 import subprocess
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,7 @@ def write_plugin(plugins: Path) -> None:
     (directory / "plugin.json").write_text(json.dumps(manifest))
 
 
-def provisioned(ds_url: str, tls_url: str, ca: str) -> list[dict[str, Any]]:
+def provisioned(ds_url: str, tls_url: str, ca: str, v6_url: str) -> list[dict[str, Any]]:
     json_data = {
         "url": ds_url,
         "tenant": "t1",
@@ -250,6 +250,14 @@ def provisioned(ds_url: str, tls_url: str, ca: str) -> list[dict[str, Any]]:
             }
             for kind in ("keys", "jwt")
         ),
+        {  # an IPv6 literal, for the datasource URL and for a route's url
+            "name": "v6",
+            "uid": "v6",
+            "type": PROXY,
+            "url": f"{v6_url}/base",
+            "jsonData": {**json_data, "url": v6_url},
+            "secureJsonData": secure,
+        },
         {"name": "nourl", "uid": "nourl", "type": PROXY},
         {"name": "down", "uid": "down", "type": PROXY, "url": f"http://127.0.0.1:{free_port()}"},
         {
@@ -285,14 +293,14 @@ def provisioned(ds_url: str, tls_url: str, ca: str) -> list[dict[str, Any]]:
     ]
 
 
-def proxy_config(root: Path, ds_url: str, tls_url: str, ca: str) -> BridgeConfig:
+def proxy_config(root: Path, ds_url: str, tls_url: str, ca: str, v6_url: str) -> BridgeConfig:
     plugins = root / "plugins"
     write_plugin(plugins)
     python_fixture_as(plugins, PY)  # the Python fixture's own plugin.json and routes
     provisioning = root / "provisioning" / "datasources"
     provisioning.mkdir(parents=True)
     (provisioning / "proxy.yaml").write_text(
-        yaml.safe_dump({"apiVersion": 1, "datasources": provisioned(ds_url, tls_url, ca)})
+        yaml.safe_dump({"apiVersion": 1, "datasources": provisioned(ds_url, tls_url, ca, v6_url)})
     )
     write_manifest(
         root / "dataplane",
@@ -306,7 +314,7 @@ def proxy_config(root: Path, ds_url: str, tls_url: str, ca: str) -> BridgeConfig
         allow_unsigned=(PROXY, PY),
         overrides={
             "datasource_proxy.timeout": TIMEOUT,
-            "datasource_proxy.allowed_hosts": ["127.0.0.1"],
+            "datasource_proxy.allowed_hosts": ["127.0.0.1", "[::1]"],
             "limits.max_body_bytes": MAX_BODY,
             "datasource_proxy.response_limit_bytes": RESPONSE_LIMIT,
         },
@@ -351,18 +359,26 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
 
 
 @asynccontextmanager
-async def serving_tls(app: web.Application, cert: Path, key: Path) -> AsyncIterator[str]:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+async def serving_at(
+    app: web.Application, host: str, context: ssl.SSLContext | None = None
+) -> AsyncIterator[str]:
+    """``app`` on ``host`` (an IPv6 literal too), over TLS with ``context``; its base URL."""
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+        site = web.TCPSite(runner, host, 0, ssl_context=context)
         await site.start()
-        host, port = runner.addresses[0][:2]
-        yield f"https://{host}:{port}"
+        port = runner.addresses[0][1]
+        netloc = f"[{host}]" if ":" in host else host
+        yield f"{'https' if context else 'http'}://{netloc}:{port}"
     finally:
         await runner.cleanup()
+
+
+def serving_tls(app: web.Application, cert: Path, key: Path) -> AbstractAsyncContextManager[str]:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return serving_at(app, "127.0.0.1", context)
 
 
 @asynccontextmanager
@@ -374,8 +390,9 @@ async def proxy_scene(root: Path) -> AsyncIterator[ProxyScene]:
         serving(other.app()) as other_url,
         serving(datasource.app()) as ds_url,
         serving_tls(datasource.app(), cert, key) as tls_url,
+        serving_at(datasource.app(), "::1") as v6_url,
     ):
         datasource.other_url = other_url
-        config = proxy_config(root, ds_url, tls_url, cert.read_text())
+        config = proxy_config(root, ds_url, tls_url, cert.read_text(), v6_url)
         async with front_door(config) as door:
             yield ProxyScene(door, datasource, other)

@@ -219,6 +219,23 @@ async def test_traversal_is_refused_before_anything_goes_out(scene: ProxyScene, 
     assert len(scene.datasource.seen) == before
 
 
+@pytest.mark.parametrize(
+    "rest",
+    [
+        "other/..;/editor/x",  # Tomcat/Jetty/Spring read "..;" as ".." (route authz bypass)
+        "other/..;jsessionid=1/admin",
+        "a/.;/b",
+        "other/%2e%2e;/editor/x",
+        "x/..%3B/editor",  # an encoded ";" is decoded once by the front door: the same thing
+    ],
+)
+async def test_dot_segments_with_parameters_are_refused(scene: ProxyScene, rest: str) -> None:
+    before = len(scene.datasource.seen)
+    answer = await scene.proxy("px", rest, user="viewer")
+    assert_status(answer, 400, "BadRequest", "path parameters")
+    assert len(scene.datasource.seen) == before
+
+
 async def test_path_is_encoded_once_and_confined(scene: ProxyScene) -> None:
     answer = await scene.proxy("px", "q/a%20b/c%3Fd%23e/%25?x=%2F")
     assert answer.status == 200, answer.text
@@ -316,6 +333,19 @@ async def test_allow_list(scene: ProxyScene) -> None:
     assert_status(answer, 403, "Forbidden", "target URL is not a valid target")
     assert "localhost" in answer.json()["message"]
     assert len(scene.datasource.seen) == before
+
+
+@pytest.mark.parametrize(
+    ("rest", "upstream"),
+    [("q/x?a=1", "/base/q/x?a=1"), ("api/x", "/upstream-api/x?key=s3cret&tenant=t1")],
+)
+async def test_ipv6_literal_destinations(scene: ProxyScene, rest: str, upstream: str) -> None:
+    """A datasource URL (and a route url) with an IPv6 literal keeps its brackets."""
+    answer = await scene.proxy("v6", rest, user="viewer")
+    assert answer.status == 200, answer.text
+    seen = scene.datasource.seen[-1]
+    assert seen.raw_path == upstream
+    assert seen.headers["Host"].startswith("[::1]:")
 
 
 @pytest.mark.parametrize(

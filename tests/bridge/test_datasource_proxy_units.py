@@ -6,6 +6,7 @@ port with an injected clock. The end-to-end behaviour is in test_datasource_prox
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -233,6 +234,11 @@ def test_allowed_host_entries_refused(entry: str) -> None:
         ("http://bücher.example/", {"xn--bcher-kva.example"}, True),
         ("http://[::1]:9090/", {"[::1]:9090"}, True),
         ("http://evil.example/", {"example.com"}, False),
+        # IDNA 2008, as the connection is made: "straße.de" is not "strasse.de" (CVE-2023-4399)
+        ("http://straße.de/", {"strasse.de"}, False),
+        ("http://straße.de/", {canonical_host_entry("straße.de")}, True),
+        ("http://xn--strae-oqa.de/", {canonical_host_entry("straße.de")}, True),
+        ("http://strasse.de/", {canonical_host_entry("straße.de")}, False),
     ],
 )
 def test_allow_list(url: str, entries: set[str], ok: bool) -> None:
@@ -378,3 +384,25 @@ async def test_token_endpoint_unreachable() -> None:
             await TokenCache().get(
                 KEY, session=session, url=URL("http://127.0.0.1:9/token"), params={}, timeout=5.0
             )
+
+
+async def test_requests_waiting_for_a_failed_fetch_share_its_failure(
+    endpoint: tuple[TokenEndpoint, URL, aiohttp.ClientSession],
+) -> None:
+    """Five requests need the token while the endpoint is failing: one fetch, five errors (not
+    five fetches one after another, each waiting up to token_timeout). The failure is not
+    remembered: the next request tries again."""
+    token, url, session = endpoint
+    token.answers = [(503, {"error": "unavailable"})]
+    cache = TokenCache()
+    get = dict(session=session, url=url, params={}, timeout=5.0)
+    results = await asyncio.gather(
+        *(cache.get(KEY, **get) for _ in range(5)),  # type: ignore[arg-type]
+        return_exceptions=True,
+    )
+    assert [str(r) for r in results] == ["the token endpoint answered 503"] * 5
+    assert all(isinstance(r, TokenError) for r in results)
+    assert cache.fetches == 1
+    token.answers = [(200, {"access_token": "back", "expires_in": 3600})]
+    assert await cache.get(KEY, **get) == "back"  # type: ignore[arg-type]
+    assert cache.fetches == 2
