@@ -25,27 +25,60 @@ BRIDGE_KEY = web.AppKey("bridge", Bridge)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+# Set by on_response_prepare: the handler has sent its status line and headers.
+RESPONSE_STARTED = web.RequestKey("response-started", bool)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes a Kubernetes Status; nothing else reaches the client."""
+    """Every failure becomes a Kubernetes Status; nothing else reaches the client.
+
+    A failure after the handler started its own response (a stream, a WebSocket) cannot be
+    answered with a Status any more: a second status line would land in the body or the
+    upgraded socket. Such a connection is closed instead, which the client sees as a
+    truncated answer.
+    """
     try:
         return await handler(request)
     except StatusError as exc:
-        return status_response(exc)
+        return _answer(request, exc)
     except PluginError as exc:
-        return status_response(from_plugin_error(exc))
+        return _answer(request, from_plugin_error(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return status_response(StatusError(exc.status, exc.reason))
+        return _answer(request, StatusError(exc.status, exc.reason))
     except Exception:
         incident = uuid.uuid4().hex[:12]
         log.exception(
             "unhandled error in %s %s (incident %s)", request.method, request.path, incident
         )
-        return status_response(
-            StatusError(500, f"internal error (incident {incident}; details are in the bridge log)")
+        return _answer(
+            request,
+            StatusError(
+                500, f"internal error (incident {incident}; details are in the bridge log)"
+            ),
         )
+
+
+def _answer(request: web.Request, error: StatusError) -> web.StreamResponse:
+    if not request.get(RESPONSE_STARTED, False):
+        return status_response(error)
+    log.info(
+        "closing the connection for %s %s: it failed after its answer began (%s %s)",
+        request.method,
+        request.path,
+        error.code,
+        error.message,
+    )
+    if request.transport is not None:
+        request.transport.close()
+    # aiohttp's attempt to send this on the closed transport ends as a client disconnect.
+    return web.Response(status=error.code)
+
+
+async def mark_response_started(request: web.Request, _: web.StreamResponse) -> None:
+    request[RESPONSE_STARTED] = True
 
 
 def build_app(bridge: Bridge) -> web.Application:
@@ -59,6 +92,7 @@ def build_app(bridge: Bridge) -> web.Application:
         middlewares=[errors_middleware, checks], client_max_size=limits.max_body_bytes
     )
     app[BRIDGE_KEY] = bridge
+    app.on_response_prepare.append(mark_response_started)
     own: dict[str, Handler] = {
         "/livez": livez,
         "/healthz": readyz,
