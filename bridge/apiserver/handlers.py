@@ -42,9 +42,7 @@ Authenticate = Callable[[web.Request], Awaitable[Identity]]
 Clock = Callable[[], datetime]
 
 LIST_KIND = f"{KIND}List"
-WRITE_DENIED = (
-    "only Grafana server admins and admins of the main org may change DataPlaneServices"
-)
+WRITE_DENIED = "only Grafana server admins and admins of the main org may change DataPlaneServices"
 MAIN_ORG_ID = 1
 
 
