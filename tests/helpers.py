@@ -7,11 +7,13 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import psutil
+from aiohttp import web
 
 from plugin_host.handshake import GrafanaIdentity, build_environment
 
@@ -124,3 +126,17 @@ async def terminate_async(process: asyncio.subprocess.Process, timeout: float) -
         except TimeoutError:
             process.kill()
             await process.wait()
+
+
+@asynccontextmanager
+async def serving_app(app: web.Application) -> AsyncIterator[tuple[str, int]]:
+    """Serve ``app`` on a free loopback port; yields (host, port) and cleans up after."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield host, port
+    finally:
+        await runner.cleanup()

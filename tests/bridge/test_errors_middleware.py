@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.app import errors_middleware, mark_response_started
 from bridge.status import StatusError
+from tests.helpers import serving_app
 
 
 async def fails_before(_: web.Request) -> web.StreamResponse:
@@ -39,15 +40,8 @@ async def address() -> AsyncIterator[tuple[str, int]]:
     app.router.add_get("/before", fails_before)
     app.router.add_get("/after", fails_after)
     app.router.add_get("/crash", crashes_after)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield host, port
-    finally:
-        await runner.cleanup()
+    async with serving_app(app) as address:
+        yield address
 
 
 async def exchange(address: tuple[str, int], path: str) -> bytes:

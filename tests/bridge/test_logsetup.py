@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.config import LoggingSettings
 from bridge.logsetup import configure_logging
+from tests.helpers import serving_app
 
 
 class Records(logging.Handler):
@@ -47,12 +48,7 @@ async def test_a_request_the_parser_refuses_is_one_warning_without_traceback(
 
     app = web.Application()
     app.router.add_get("/", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
+    async with serving_app(app) as (host, port):
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(
             b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
@@ -62,8 +58,6 @@ async def test_a_request_the_parser_refuses_is_one_warning_without_traceback(
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
         assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request")
-    finally:
-        await runner.cleanup()
     refusals = [r for r in captured.records if r.name == "aiohttp.server"]
     assert len(refusals) == 1
     [record] = refusals
