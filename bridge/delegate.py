@@ -24,27 +24,24 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, NamedTuple, Protocol
+from typing import Any, Final, Literal
 from urllib.parse import unquote
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp import WSCloseCode, hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
+from bridge.hops import connection_tokens, end_to_end
 from bridge.status import StatusError
+from bridge.wsrelay import relay
 
 log = logging.getLogger(__name__)
 
-# Connection-level headers (RFC 9110 §7.6.1) plus the ones Go's ReverseProxy also drops; any
-# ``Proxy-*`` header and whatever ``Connection`` names are dropped as well.
-HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
-)
 # The bridge already answered ``Expect: 100-continue`` itself (aiohttp does before the handler
 # runs); passing it on would make the upstream client wait for a second 100.
 _ANSWERED_HERE: Final = frozenset({"expect"})
@@ -350,7 +347,7 @@ class Delegate:
         )
         try:
             await client.prepare(request)
-            await _relay(client, upstream)
+            await relay(client, upstream)
         finally:
             if not upstream.closed:
                 await upstream.close(code=WSCloseCode.GOING_AWAY)
@@ -373,7 +370,7 @@ class Delegate:
             raise ValueError(f"path must start with '/': {path!r}")
         session = self._require_session()
         out: CIMultiDict[str] = CIMultiDict()
-        for name, value in _end_to_end(headers.items()):
+        for name, value in end_to_end(headers.items()):
             if name.lower() not in (
                 "content-length",
                 "content-type",
@@ -460,7 +457,7 @@ class Delegate:
     def _upstream_headers(self, request: web.Request, *, websocket: bool) -> CIMultiDict[str]:
         out: CIMultiDict[str] = CIMultiDict()
         forwarded_for: list[str] = []
-        for name, value in _end_to_end(request.headers.items()):
+        for name, value in end_to_end(request.headers.items()):
             key = name.lower()
             if key in _ANSWERED_HERE:
                 continue
@@ -565,7 +562,7 @@ def _check_framing(request: web.Request) -> None:
 
 def _wants_websocket(request: web.Request) -> bool:
     upgrade = request.headers.get(hdrs.UPGRADE, "").strip().lower()
-    return upgrade == "websocket" and "upgrade" in _connection_tokens(request.headers.items())
+    return upgrade == "websocket" and "upgrade" in connection_tokens(request.headers.items())
 
 
 def _offered_protocols(request: web.Request) -> list[str]:
@@ -622,30 +619,8 @@ def _request_id(request: web.Request) -> str:
 # -- headers ---------------------------------------------------------------------------------
 
 
-def _connection_tokens(items: Iterable[tuple[str, str]]) -> frozenset[str]:
-    return frozenset(
-        token.strip().lower()
-        for name, value in items
-        if name.lower() == "connection"
-        for token in value.split(",")
-        if token.strip()
-    )
-
-
-def _end_to_end(items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    pairs = list(items)
-    named = _connection_tokens(pairs)
-    return [
-        (name, value)
-        for name, value in pairs
-        if (key := name.lower()) not in HOP_BY_HOP
-        and not key.startswith("proxy-")
-        and key not in named
-    ]
-
-
 def _downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict(_end_to_end(upstream.items()))
+    out: CIMultiDict[str] = CIMultiDict(end_to_end(upstream.items()))
     # aiohttp's response parser is lenient: with Transfer-Encoding, or with a repeated length,
     # the length it read by is not the one in the header. Re-emitting it would let the client
     # and Grafana disagree on where the body ends, so such answers go out chunked.
@@ -765,107 +740,3 @@ class _Watchdog:
         # Anyone else's cancellation (server shutdown, handler_cancellation) still propagates.
         remaining = self._task.uncancel()
         return exc_type is asyncio.CancelledError and remaining == 0
-
-
-# -- WebSocket relay ---------------------------------------------------------------------------
-
-
-class _WebSocket(Protocol):
-    """What the relay needs from either end: aiohttp's client and server sockets both fit."""
-
-    @property
-    def closed(self) -> bool: ...
-
-    @property
-    def close_code(self) -> int | None: ...
-
-    async def receive(self, timeout: float | None = None) -> aiohttp.WSMessage: ...
-
-    async def send_str(self, data: str, compress: int | None = None) -> None: ...
-
-    async def send_bytes(self, data: bytes, compress: int | None = None) -> None: ...
-
-    async def ping(self, message: bytes = b"") -> None: ...
-
-    async def pong(self, message: bytes = b"") -> None: ...
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"") -> bool: ...
-
-
-class _End(NamedTuple):
-    """How one direction of the relay ended."""
-
-    how: Literal["closed", "source_broken", "target_broken"]
-    code: int = 0
-    reason: str = ""
-
-
-async def _pump(source: _WebSocket, target: _WebSocket) -> _End:
-    while True:
-        message = await source.receive()
-        try:
-            if message.type is WSMsgType.TEXT:
-                await target.send_str(message.data)
-            elif message.type is WSMsgType.BINARY:
-                await target.send_bytes(message.data)
-            elif message.type is WSMsgType.PING:
-                await target.ping(message.data)
-            elif message.type is WSMsgType.PONG:
-                await target.pong(message.data)
-            elif message.type is WSMsgType.CLOSE:
-                return _End("closed", int(message.data or 0), message.extra or "")
-            else:  # CLOSING (we are closing it), CLOSED or ERROR (the peer vanished or misbehaved)
-                return _End("source_broken")
-        except (ConnectionError, aiohttp.ClientError, RuntimeError):
-            return _End("target_broken")
-
-
-async def _relay(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
-    """Relay frames both ways until either end closes, then close the other end too."""
-    to_upstream = asyncio.create_task(_pump(client, upstream))
-    to_client = asyncio.create_task(_pump(upstream, client))
-    try:
-        done, _ = await asyncio.wait({to_upstream, to_client}, return_when=asyncio.FIRST_COMPLETED)
-        if to_upstream in done:
-            # The other pump is parked in upstream.receive(); upstream.close() wakes it through
-            # aiohttp's own CLOSING message. Cancelling it instead would make aiohttp record
-            # 1006 and skip reading Grafana's reply, losing the code to echo.
-            await _finish(client, upstream, to_upstream.result(), source_is_client=True)
-        else:
-            # The reverse: WebSocketResponse.close() racing a parked receive() gives up on the
-            # client's reply, while cancelling that receive() leaves no state behind.
-            to_upstream.cancel()
-            await asyncio.gather(to_upstream, return_exceptions=True)
-            await _finish(upstream, client, to_client.result(), source_is_client=False)
-    finally:
-        for task in (to_upstream, to_client):
-            task.cancel()
-        await asyncio.gather(to_upstream, to_client, return_exceptions=True)
-        if not client.closed:
-            await client.close(code=WSCloseCode.GOING_AWAY)
-
-
-async def _finish(
-    source: _WebSocket, target: _WebSocket, end: _End, *, source_is_client: bool
-) -> None:
-    # What each side is told when the other vanished: the browser learns that the gateway's
-    # upstream failed (1014); Grafana learns that its client went away (1001).
-    lost_client, lost_upstream = WSCloseCode.GOING_AWAY, WSCloseCode.BAD_GATEWAY
-    if end.how == "closed":
-        await target.close(code=_sendable(end.code), message=end.reason.encode())
-        # RFC 6455 §5.5.1: the close is echoed; pass back the code the far end replied with.
-        reply = target.close_code
-        await source.close(code=_sendable(reply if reply else end.code))
-    elif end.how == "source_broken":
-        await target.close(code=lost_client if source_is_client else lost_upstream)
-        await source.close()
-    else:
-        await source.close(code=lost_upstream if source_is_client else lost_client)
-        await target.close()
-
-
-def _sendable(code: int) -> int:
-    """A close code that may go on the wire (1005, 1006 and 1015 are reserved for reporting)."""
-    if 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999:
-        return code
-    return int(WSCloseCode.OK)

@@ -19,14 +19,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from bridge.auth import forwardable_headers
 from bridge.dsproxy.routes import FORBIDDEN_ROUTE_HEADERS
+from bridge.hops import end_to_end
 from bridge.identity import Identity
 from bridge.provisioning import DataSourceSettings
 
 __all__ = ["custom_header_ok", "downstream_headers", "upstream_headers"]
 
-_HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "host"}
-)
 # Never sent to the datasource: the caller's credentials for the bridge/Grafana, identity
 # headers only the bridge may set, and what Grafana clears for CORS reasons.
 _DROP_REQUEST: Final = frozenset(
@@ -55,20 +53,9 @@ _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 def _scrubbed(
     headers: CIMultiDictProxy[str], drop: Collection[str], prefixes: tuple[str, ...]
 ) -> CIMultiDict[str]:
-    """``headers`` without hop-by-hop ones (those ``Connection`` names too), ``drop`` and any
-    starting with one of ``prefixes``."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall(hdrs.CONNECTION, [])
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _HOP_BY_HOP or lower in drop or lower in named or lower.startswith(prefixes):
-            continue
-        out.add(name, value)
-    return out
+    """``headers`` without hop-by-hop ones, ``Host``, ``drop`` and any starting with one of
+    ``prefixes``."""
+    return CIMultiDict(end_to_end(headers.items(), drop={"host", *drop}, drop_prefixes=prefixes))
 
 
 def upstream_headers(
@@ -83,7 +70,7 @@ def upstream_headers(
 
     Route headers, a route's token and the datasource's custom headers are added later.
     """
-    out = _scrubbed(request.headers, _DROP_REQUEST, ("proxy-", "x-forwarded-"))
+    out = _scrubbed(request.headers, _DROP_REQUEST, ("x-forwarded-",))
     # X-Forwarded-*, as Go's ReverseProxy and Grafana's proxyutil set them.
     prior = ", ".join(request.headers.getall("X-Forwarded-For", []))
     peer = request.remote or ""
@@ -124,7 +111,7 @@ def custom_header_ok(name: str, value: str) -> bool:
 
 def downstream_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     """The datasource's response headers as the caller may see them (``Location`` excluded)."""
-    out = _scrubbed(upstream, _DROP_RESPONSE, ("proxy-",))
+    out = _scrubbed(upstream, _DROP_RESPONSE, ())
     if len(upstream.getall(hdrs.CONTENT_LENGTH, [])) != 1 or hdrs.TRANSFER_ENCODING in upstream:
         out.popall(hdrs.CONTENT_LENGTH, None)
     # CVE-2022-21702: a datasource's HTML must not run as the bridge's origin.

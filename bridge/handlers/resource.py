@@ -9,21 +9,31 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from bridge.apis import PluginType
-from bridge.delegate import HOP_BY_HOP
 from bridge.handlers.base import Call, Deps
+from bridge.hops import end_to_end, go_header_name
 from bridge.routing import Endpoint
 from bridge.status import StatusError
 from protos.pluginv2 import backend_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Never passed to the plugin: the caller's Grafana credentials (as Grafana strips them).
+# Never passed to the plugin, on top of hop-by-hop headers: the caller's Grafana credentials
+# (as Grafana strips them), X-Grafana-User (set below from the identity, never from the
+# caller), and the length a streamed answer recomputes.
 _DROP_REQUEST = frozenset(
-    {"cookie", "authorization", "x-grafana-org-id", "x-ds-authorization", "x-id-token", "host"}
+    {
+        "cookie",
+        "authorization",
+        "x-grafana-org-id",
+        "x-grafana-user",
+        "x-ds-authorization",
+        "x-id-token",
+        "host",
+        "content-length",
+    }
 )
-# Connection-level headers (shared with the delegate), plus the ones a streamed answer
-# recomputes: never passed between the client and the plugin.
-_HOP_BY_HOP = HOP_BY_HOP | {"proxy-authenticate", "proxy-authorization", "content-length"}
+# Never passed from the plugin to the client, on top of hop-by-hop headers.
+_DROP_RESPONSE = frozenset({"content-length"})
 
 
 def resource_path(call: Call) -> str:
@@ -47,16 +57,13 @@ async def handle_resource(call: Call, deps: Deps) -> web.StreamResponse:
         context = deps.contexts.for_datasource(call, call.params["uid"])
     else:
         context = deps.contexts.for_app(call)
+    # Names as Grafana's net/http hands them to a plugin: Go-canonical, values in order.
     headers: dict[str, pb.StringList] = {}
-    for name in request.headers:
-        lower = name.lower()
-        if lower in _DROP_REQUEST or lower in _HOP_BY_HOP or lower == "x-grafana-user":
-            continue
-        if name not in headers:
-            headers[name] = pb.StringList(values=request.headers.getall(name))
+    for name, value in end_to_end(request.headers.items(), drop=_DROP_REQUEST):
+        headers.setdefault(go_header_name(name), pb.StringList()).values.append(value)
     # Kept cookies and X-Grafana-User, decided as Grafana decides them for this datasource.
     for name, value in deps.contexts.forwarded_headers(call, context, prefixed=False).items():
-        headers[name] = pb.StringList(values=[value])
+        headers[go_header_name(name)] = pb.StringList(values=[value])
     message = pb.CallResourceRequest(
         pluginContext=context,
         path=path,
@@ -132,11 +139,7 @@ class _CutShort(Exception):
 
 
 def _response_headers(raw: Mapping[str, pb.StringList]) -> CIMultiDict[str]:
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, values in raw.items():
-        if name.lower() in _HOP_BY_HOP:
-            continue
-        for value in values.values:
-            headers.add(name, value)
+    pairs = ((name, value) for name, values in raw.items() for value in values.values)
+    headers: CIMultiDict[str] = CIMultiDict(end_to_end(pairs, drop=_DROP_RESPONSE))
     headers.setdefault("X-Content-Type-Options", "nosniff")
     return headers

@@ -112,6 +112,35 @@ STRIPPED: Mapping[str, list[str] | None] = {
 }
 
 
+# Per-connection headers a client (or a proxy in front of the bridge) may send: none of them
+# describes the message, so none reaches the plugin, including what ``Connection`` names.
+HOP_SENT = {
+    "x-lower-case": "1",
+    "X-UPPER-CASE": "2",
+    "Connection": "keep-alive, X-Hop-Secret",
+    "X-Hop-Secret": "per-connection",
+    "Keep-Alive": "timeout=5",
+    "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+}
+
+
+def header_names(*, present: set[str], absent: set[str]) -> Check:
+    """The exact header names the plugin saw: ``present`` all there, spelled as given."""
+
+    def check(answer: Answer) -> None:
+        names = set(answer.json()["headers"])
+        assert present <= names, names
+        assert not {name.lower() for name in names} & {name.lower() for name in absent}, names
+
+    return check
+
+
+GO_SPELLED = header_names(
+    present={"X-Lower-Case", "X-Upper-Case"},
+    absent={"Connection", "X-Hop-Secret", "Keep-Alive", "Proxy-Authorization"},
+)
+
+
 def plugin_answer(status: int, body: Mapping[str, object]) -> Check:
     """The plugin's own answer, passed on: not a Status the bridge wrote."""
 
@@ -174,6 +203,22 @@ RESOURCE_ROWS = [
         echoed(method="POST", path="echo", url="echo", body="payload", headers=STRIPPED),
         headers=SENT,
         data=b"payload",
+    ),
+    Row(
+        "go echo: names as Go's net/http spells them, per-connection headers dropped",
+        "GET",
+        datasource_path(GO_GROUP, "go", "resource/echo"),
+        200,
+        GO_SPELLED,
+        headers=HOP_SENT,
+    ),
+    Row(
+        "python echo: the same names, the same headers dropped",
+        "GET",
+        datasource_path(PY_GROUP, "py", "resource/echo"),
+        200,
+        GO_SPELLED,
+        headers=HOP_SENT,
     ),
     Row(
         "cookies the datasource keeps (jsonData.keepCookies), never the session",
