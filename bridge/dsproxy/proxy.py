@@ -32,6 +32,7 @@ from yarl import URL
 
 from bridge.dsproxy.headers import custom_header_ok, downstream_headers, upstream_headers
 from bridge.dsproxy.hosts import allowed, destination, host_key
+from bridge.dsproxy.networks import DeniedAddress, DeniedNetworks
 from bridge.dsproxy.routes import ProxyRoute, RoutesError, compile_routes, match_route
 from bridge.dsproxy.settings import DatasourceProxySettings
 from bridge.dsproxy.target import Target, absolute, build_target, map_location, render
@@ -135,7 +136,10 @@ class DatasourceProxy:
         if self._session is not None:
             return
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.settings.max_connections),
+            connector=aiohttp.TCPConnector(
+                limit=self.settings.max_connections,
+                socket_factory=DeniedNetworks(self.settings.denied_networks).socket_factory,
+            ),
             # Datasource cookies must not outlive one request or reach another user.
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
@@ -434,6 +438,22 @@ class DatasourceProxy:
             if isinstance(body, _Body) and body.too_large:
                 raise StatusError(
                     413, f"the request body is larger than the limit of {self._max_body} bytes"
+                ) from None
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, DeniedAddress
+            ):
+                log.warning(
+                    "datasource proxy: %s %s: datasource %s: %s leads only to addresses in "
+                    "datasource_proxy.denied_networks",
+                    request.method,
+                    request.path,
+                    uid,
+                    target.url.host,
+                )
+                raise _Logged(
+                    403,
+                    f"datasource {uid!r}: {target.url.host} leads only to addresses the "
+                    "datasource proxy may not connect to (datasource_proxy.denied_networks)",
                 ) from None
             log.warning(
                 "datasource proxy: %s %s: datasource %s at %s could not be reached: %s: %s",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.dsproxy.hosts import canonical_host_entry
+from bridge.dsproxy.networks import DEFAULT_DENIED_NETWORKS, parse_network
 
 
 class DatasourceProxySettings(BaseModel):
@@ -22,6 +23,9 @@ class DatasourceProxySettings(BaseModel):
     # host or host:port entries. Empty: each request may go only to its datasource URL's host
     # and the hosts its routes' url/tokenAuth.url render to (see docs/datasource-proxy.md).
     allowed_hosts: tuple[str, ...] = ()
+    # Addresses or CIDR networks never connected to, checked on every address dialled after
+    # DNS resolution (IP literals too). Default: link-local and cloud metadata addresses.
+    denied_networks: tuple[str, ...] = DEFAULT_DENIED_NETWORKS
     # Send the caller's login as X-Grafana-User (Grafana's [dataproxy] send_user_header).
     send_user_header: bool = False
     # Refuse answers bigger than this many bytes (0: no limit; Grafana's response_limit).
@@ -32,3 +36,8 @@ class DatasourceProxySettings(BaseModel):
     @classmethod
     def _hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(canonical_host_entry(entry) for entry in value)
+
+    @field_validator("denied_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(parse_network(entry) for entry in value)
