@@ -6,9 +6,10 @@ end-to-end headers and body unchanged, plus ``X-Forwarded-*``; the client gets G
 headers and body back. Nothing is buffered: bodies move chunk by chunk in both directions and
 WebSocket upgrades are relayed frame by frame.
 
-Failures become ``Status`` bodies (``bridge.status``): 404 when no delegate is configured, 502
-when Grafana cannot be reached or answers garbage, 504 when it does not answer (or stops
-reading the upload) in time, 408 when the client stops sending its body. Messages name only
+Failures become ``Status`` bodies (``bridge.status``): 404 when no delegate is configured, 503
+with ``Retry-After`` when Grafana cannot be reached (refused, reset, DNS), 502 when it answers
+garbage or its TLS is refused, 504 when it does not answer (or stops reading the upload) in
+time, 408 when the client stops sending its body. Messages name only
 "the Grafana delegate"; the address and the underlying error go to the log, once, with a
 request id. Limits: docs/delegation.md.
 """
@@ -56,7 +57,7 @@ _METHODS: Final = frozenset(
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _MAX_JSON_BYTES: Final = 8 * 1024 * 1024
 _WS_CLOSE_TIMEOUT: Final = 10.0
-_WS_MAX_MESSAGE: Final = 4 * 1024 * 1024
+_UNREACHABLE_RETRY_AFTER: Final = 1.0
 
 Observe = Callable[[str, int, float], None]
 """Metrics hook: ``observe(method, code, seconds)`` once per delegated request."""
@@ -71,6 +72,9 @@ class DelegateSettings(BaseModel):
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=300.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # The largest delegated WebSocket message (aiohttp's default); a larger one closes the
+    # socket it came from with 1009.
+    max_ws_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1)
     tls_verify: bool = True
     ca_file: Path | None = None
     preserve_host: bool = False
@@ -131,6 +135,9 @@ class Delegate:
         self._bodies_decoded = request_bodies_decoded
         self._watch_interval = watch_interval
         self._session: aiohttp.ClientSession | None = None
+        # aiohttp refuses a message of exactly max_msg_size bytes; the setting is the largest
+        # message that passes.
+        self._ws_max_msg_size = settings.max_ws_message_bytes + 1
         self._origin = ""
         self._prefix = ""
         if settings.url is not None:
@@ -326,7 +333,7 @@ class Delegate:
                 autoclose=False,
                 autoping=False,
                 timeout=aiohttp.ClientWSTimeout(ws_close=_WS_CLOSE_TIMEOUT),
-                max_msg_size=_WS_MAX_MESSAGE,
+                max_msg_size=self._ws_max_msg_size,
             )
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status >= 400:
@@ -343,7 +350,7 @@ class Delegate:
             autoclose=False,
             autoping=False,
             timeout=_WS_CLOSE_TIMEOUT,
-            max_msg_size=_WS_MAX_MESSAGE,
+            max_msg_size=self._ws_max_msg_size,
         )
         try:
             await client.prepare(request)
@@ -362,7 +369,8 @@ class Delegate:
 
         The JSON is ``None`` when the body is empty or not JSON. ``headers`` usually carry the
         caller's credentials; hop-by-hop ones are dropped. Raises ``StatusError`` 404 (no
-        delegate), 502 (unreachable, or a body over 8 MiB) and 504 (``timeout`` passed).
+        delegate), 503 (unreachable), 502 (an invalid answer, or a body over 8 MiB) and 504
+        (``timeout`` passed).
         """
         if not self.configured:
             raise StatusError(404, "no delegate is configured")
@@ -485,7 +493,7 @@ class Delegate:
     def _failure(
         self, request: web.Request | None, exc: BaseException, *, what: str = ""
     ) -> StatusError:
-        """Map a client error to 502/504 and log it once, with the address, for operators."""
+        """Map a client error to 502/503/504 and log it once, with the address, for operators."""
         rid = _request_id(request) if request is not None else uuid.uuid4().hex[:12]
         what = what or (f"{request.method} {request.path}" if request is not None else "")
         log.warning(
@@ -505,9 +513,19 @@ class Delegate:
             )
         if isinstance(exc, TimeoutError):
             return StatusError(504, f"the Grafana delegate did not answer in time {suffix}")
-        if isinstance(exc, aiohttp.ClientResponseError):
-            return StatusError(502, f"the Grafana delegate sent an invalid response {suffix}")
-        return StatusError(502, f"the Grafana delegate could not be reached {suffix}")
+        if isinstance(exc, aiohttp.ClientSSLError):
+            # Grafana answered, but not with a TLS session the bridge accepts: retrying will not
+            # help until someone fixes a certificate or delegate.ca_file.
+            return StatusError(502, f"the TLS handshake with the Grafana delegate failed {suffix}")
+        if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
+            # Refused, reset or closed before any answer, or the name did not resolve: Grafana
+            # is down or restarting. kube-aggregator answers 503 for an unreachable backend too.
+            return StatusError(
+                503,
+                f"the Grafana delegate could not be reached {suffix}",
+                retry_after=_UNREACHABLE_RETRY_AFTER,
+            )
+        return StatusError(502, f"the Grafana delegate sent an invalid response {suffix}")
 
     def _report(self, method: str, code: int, seconds: float) -> None:
         if self.observe is None:

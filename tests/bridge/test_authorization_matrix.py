@@ -97,6 +97,7 @@ class Endpoint:
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     sse: bool = False  # a long-lived answer (SSE, watch): only the status line and headers are read
+    websocket: bool = False  # sent as a WebSocket handshake; 101 when it is upgraded
 
 
 def admission_review(namespace: str) -> dict[str, Any]:
@@ -149,6 +150,20 @@ NEW_SERVICE = {
         "services": [{"type": "query"}],
     },
 }
+# Created when the matrix's bridge starts, so that reading an existing object has a row.
+EXISTING_NAME = "v0alpha1.matrix-existing.datasource.grafana.app"
+EXISTING_SERVICE = {
+    "apiVersion": API_VERSION,
+    "kind": KIND,
+    "metadata": {"name": EXISTING_NAME},
+    "spec": {
+        "pluginID": PY,
+        "pluginType": "datasource",
+        "group": "matrix-existing.datasource.grafana.app",
+        "version": "v0alpha1",
+        "services": [{"type": "query"}],
+    },
+}
 # An update names the version it replaces (Kubernetes refuses one without: 422).
 UPDATED_SERVICE = {**NEW_SERVICE, "metadata": {"name": NEW_NAME, "resourceVersion": "1"}}
 QUERY = {
@@ -160,6 +175,7 @@ QUERY = {
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("query", "POST", f"{DS}/query", body=QUERY),
     Endpoint("resource", "GET", f"{DS}/resource/echo"),
+    Endpoint("resource (write method)", "POST", f"{DS}/resource/echo", body={"a": 1}),
     Endpoint(
         "route (app, custom path)", "GET", f"/apis/{APP_GROUP}/{VERSION}/namespaces/default/echo"
     ),
@@ -171,6 +187,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         headers={"Accept": "text/event-stream"},
         sse=True,
     ),
+    Endpoint("stream (WebSocket)", "GET", f"{DS}/stream/ticks/matrix-ws", websocket=True),
+    Endpoint("stream publish", "POST", f"{DS}/stream/ticks/matrix", body={"published": 1}),
     Endpoint("datasource-proxy, reqRole Viewer", "GET", f"{DS}/proxy/api/x"),
     Endpoint("datasource-proxy, reqRole Admin", "GET", f"{DS}/proxy/admin/x"),
     Endpoint(
@@ -190,6 +208,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint("DataPlaneService list", "GET", DPS),
     Endpoint("DataPlaneService get", "GET", f"{DPS}/v0alpha1.nothing.example"),
+    Endpoint("DataPlaneService get (existing)", "GET", f"{DPS}/{EXISTING_NAME}"),
     Endpoint("DataPlaneService create (dry run)", "POST", f"{DPS}?dryRun=All", body=NEW_SERVICE),
     Endpoint("DataPlaneService delete", "DELETE", f"{DPS}/v0alpha1.nothing.example"),
     Endpoint("DataPlaneService watch", "GET", f"{DPS}?watch=true", sse=True),
@@ -225,6 +244,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("/metrics", "GET", "/metrics"),
     Endpoint("/metrics/plugins/{id}", "GET", f"/metrics/plugins/{PY}"),
     Endpoint("/readyz", "GET", "/readyz"),
+    Endpoint("/healthz", "GET", "/healthz"),
     Endpoint("delegated (Grafana decides)", "GET", "/api/dashboards/uid/abc"),
 )
 
@@ -233,9 +253,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 MATRIX: Mapping[str, tuple[int, ...]] = {
     "query": (401, 200, 200, 200, 200, 403, 403),
     "resource": (401, 200, 200, 200, 200, 403, 403),
+    # As in Grafana, a resource call needs only a role in the org, whatever the method: what a
+    # write means is the plugin's business.
+    "resource (write method)": (401, 200, 200, 200, 200, 403, 403),
     "route (app, custom path)": (401, 200, 200, 200, 200, 403, 403),
     "health": (401, 200, 200, 200, 200, 403, 403),
     "stream (SSE)": (401, 200, 200, 200, 200, 403, 403),
+    # Refused before the upgrade, with a Status; a permitted caller is upgraded (101).
+    "stream (WebSocket)": (401, 101, 101, 101, 101, 403, 403),
+    "stream publish": (401, 200, 200, 200, 200, 403, 403),
     "datasource-proxy, reqRole Viewer": (401, 200, 200, 200, 200, 403, 403),
     "datasource-proxy, reqRole Admin": (401, 403, 403, 200, 200, 403, 403),
     "admission validate": (401, 200, 200, 200, 200, 403, 403),
@@ -245,12 +271,14 @@ MATRIX: Mapping[str, tuple[int, ...]] = {
     # DataPlaneServices are cluster-scoped: every signed-in caller may read them.
     "DataPlaneService list": (401, 200, 200, 200, 200, 200, 200),
     "DataPlaneService get": (401, 404, 404, 404, 404, 404, 404),
+    "DataPlaneService get (existing)": (401, 200, 200, 200, 200, 200, 200),
     "DataPlaneService create (dry run)": (401, 403, 403, 201, 201, 403, 403),
     "DataPlaneService delete": (401, 403, 403, 404, 404, 403, 403),
     # The bridge's own operational endpoints are unauthenticated, as Grafana's /metrics is.
     "/metrics": (200, 200, 200, 200, 200, 200, 200),
     "/metrics/plugins/{id}": (200, 200, 200, 200, 200, 200, 200),
     "/readyz": (200, 200, 200, 200, 200, 200, 200),
+    "/healthz": (200, 200, 200, 200, 200, 200, 200),
     # Passed on with the caller's credentials; the stand-in Grafana answers 200 to all.
     "delegated (Grafana decides)": (200, 200, 200, 200, 200, 200, 200),
     "DataPlaneService watch": (401, 200, 200, 200, 200, 200, 200),
@@ -336,11 +364,23 @@ async def matrix_scene(root: Path) -> AsyncIterator[Matrix]:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def matrix(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Matrix]:
     async with matrix_scene(tmp_path_factory.mktemp("authorization-matrix")) as running:
+        created = await running.door.call("POST", DPS, user="admin", body=EXISTING_SERVICE)
+        assert created.status == 201, created.text
         yield running
+
+
+WEBSOCKET_HANDSHAKE = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
 
 
 async def status_of(door: FrontDoor, endpoint: Endpoint, user: str | None) -> tuple[int, Any]:
     headers = {**auth_headers(user), **endpoint.headers}
+    if endpoint.websocket:
+        headers.update(WEBSOCKET_HANDSHAKE)
     data = None
     if endpoint.body is not None:
         data = json.dumps(endpoint.body).encode()
@@ -350,6 +390,9 @@ async def status_of(door: FrontDoor, endpoint: Endpoint, user: str | None) -> tu
     ) as response:
         if endpoint.sse and response.status == 200:
             return 200, None  # the stream stays open; closing the response unsubscribes
+        if endpoint.websocket and response.status == 101:
+            assert response.headers["Upgrade"].lower() == "websocket"
+            return 101, None  # closing the response drops the socket, which unsubscribes
         body = await response.read()
         try:
             return response.status, json.loads(body)

@@ -9,22 +9,40 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.bridge.conftest import PY_GROUP, assert_status, auth_headers, sample
+from tests.bridge.conftest import (
+    PY_GROUP,
+    assert_status,
+    auth_headers,
+    bridge_config,
+    dataplane_service,
+    datasource,
+    front_door,
+    sample,
+    serving,
+    write_datasources,
+    write_manifest,
+)
 from tests.bridge.dsproxy_scene import (
     MAX_BODY,
     PROXY,
     PROXY_GROUP,
     RESPONSE_LIMIT,
     ProxyScene,
+    StandInDatasource,
     proxy_scene,
+    write_plugin,
 )
+from tests.bridge.test_delegate import listener_that_never_accepts
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -391,6 +409,117 @@ async def test_timeout_is_a_504_and_the_bridge_keeps_serving(scene: ProxyScene) 
     answer = await scene.proxy("px", "slow")
     assert_status(answer, 504, "Timeout", "did not answer within 0.5s")
     assert (await scene.proxy("px", "fine")).status == 200
+
+
+# -- dial and token timeouts ---------------------------------------------------------------------
+
+HOP_TIMEOUT = 0.5  # datasource_proxy.dial_timeout and token_timeout of the scene below
+
+
+@dataclass
+class SilentServer:
+    """Accepts connections and reads requests, never answers: a token endpoint that hangs."""
+
+    url: str = ""
+    requests: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            await self.stop.wait()
+        writer.close()
+
+
+@dataclass
+class TimeoutScene:
+    scene: ProxyScene
+    silent: SilentServer
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def timeouts(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[TimeoutScene]:
+    """A bridge with short dial and token timeouts; datasources behind a token endpoint that
+    never answers and behind a host that takes no connection."""
+    root = tmp_path_factory.mktemp("dsproxy-timeouts")
+    plugins = root / "plugins"
+    write_plugin(plugins)
+    datasource_api = StandInDatasource()
+    silent = SilentServer()
+    server = await asyncio.start_server(silent.handle, "127.0.0.1", 0)
+    silent.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        with listener_that_never_accepts() as port:
+            async with serving(datasource_api.app()) as ds_url:
+                oauth = {"clientId": "cid", "url": silent.url}  # the token url renders from it
+                write_datasources(
+                    root / "provisioning",
+                    {**datasource(PROXY, "ok"), "url": f"{ds_url}/base"},
+                    {
+                        **datasource(PROXY, "hanging-token", json_data=oauth),
+                        "url": f"{ds_url}/base",
+                        "secureJsonData": {"clientSecret": "cs"},
+                    },
+                    {**datasource(PROXY, "no-accept"), "url": f"http://127.0.0.1:{port}/"},
+                )
+                write_manifest(
+                    root / "dataplane",
+                    "proxy.yaml",
+                    dataplane_service(PROXY, PROXY_GROUP, services=({"type": "datasource-proxy"},)),
+                )
+                config = bridge_config(
+                    root,
+                    plugin_dirs=(plugins,),
+                    allow_unsigned=(PROXY,),
+                    overrides={
+                        "datasource_proxy.dial_timeout": HOP_TIMEOUT,
+                        "datasource_proxy.token_timeout": HOP_TIMEOUT,
+                        "datasource_proxy.allowed_hosts": ["127.0.0.1"],
+                    },
+                )
+                async with front_door(config) as door:
+                    yield TimeoutScene(
+                        ProxyScene(door, datasource_api, StandInDatasource()), silent
+                    )
+    finally:
+        silent.stop.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def timed(scene: ProxyScene, uid: str, rest: str) -> tuple[Any, float]:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await scene.proxy(uid, rest)
+    return answer, loop.time() - started
+
+
+async def test_token_endpoint_that_never_answers_is_a_502_within_token_timeout(
+    timeouts: TimeoutScene,
+) -> None:
+    scene = timeouts.scene
+    before = timeouts.silent.requests
+    answer, seconds = await timed(scene, "hanging-token", "oauth/x")
+    assert_status(answer, 502, "BadGateway", f"did not answer within {HOP_TIMEOUT:g}s")
+    assert "could not get an access token for route 4 (* oauth)" in answer.json()["message"]
+    assert HOP_TIMEOUT <= seconds < HOP_TIMEOUT + 2
+    assert timeouts.silent.requests == before + 1  # the token endpoint was asked, once
+    assert scene.datasource.requests_to("/echo") == []  # the request itself never went out
+    # The bridge keeps serving: the same datasource without a token, and another one.
+    assert (await scene.proxy("hanging-token", "other")).status == 200
+    assert (await scene.proxy("ok", "fine")).status == 200
+
+
+async def test_datasource_that_takes_no_connection_is_a_504_within_dial_timeout(
+    timeouts: TimeoutScene,
+) -> None:
+    scene = timeouts.scene
+    answers = await asyncio.gather(*(timed(scene, "no-accept", f"x{i}") for i in range(3)))
+    for answer, seconds in answers:
+        assert_status(answer, 504, "Timeout", f"could not be connected to within {HOP_TIMEOUT:g}s")
+        assert HOP_TIMEOUT <= seconds < HOP_TIMEOUT + 2
+    assert (await scene.proxy("ok", "fine")).status == 200
 
 
 # -- bodies ----------------------------------------------------------------------------------

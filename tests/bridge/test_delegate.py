@@ -8,12 +8,14 @@ import asyncio
 import gzip
 import itertools
 import json
+import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 from pydantic import ValidationError
@@ -181,6 +183,8 @@ class FakeGrafana:
         async for message in ws:
             if message.type is WSMsgType.TEXT and message.data == "close-me":
                 await ws.close(code=4002, message=b"done")
+            elif message.type is WSMsgType.TEXT and message.data.startswith("send-me:"):
+                await ws.send_bytes(b"g" * int(message.data.removeprefix("send-me:")))
             elif message.type is WSMsgType.TEXT:
                 await ws.send_str(message.data)
             elif message.type is WSMsgType.BINARY:
@@ -298,6 +302,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def listener_that_never_accepts() -> Iterator[int]:
+    """A loopback port that is listened on but whose accept queue is full, so a new connection
+    never completes: the kernel drops its SYNs and the dialler waits until its own timeout.
+
+    ``listen(0)`` leaves room for one connection that nobody accepts; filler connections take
+    it, and the first one left hanging shows that the queue is full.
+    """
+    server = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        server.bind(("127.0.0.1", 0))
+        server.listen(0)
+        port: int = server.getsockname()[1]
+        for _ in range(16):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            with suppress(BlockingIOError):  # in progress: select says when it completed
+                filler.connect(("127.0.0.1", port))
+            _, connected, _ = select.select([], [filler], [], 0.2)
+            if not connected:
+                break
+        else:
+            raise AssertionError(f"the accept queue of port {port} never filled up")
+        yield port
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
 
 
 def assert_status(body: Any, code: int) -> None:
@@ -683,7 +719,8 @@ async def test_tls_delegate(
         assert response.status == code
         if code == 502:
             message = (await response.json())["message"]
-            assert "the Grafana delegate" in message and "127.0.0.1" not in message
+            assert "the TLS handshake with the Grafana delegate failed" in message
+            assert "127.0.0.1" not in message  # a certificate is not retried: 502, not 503
 
 
 # -- failures ----------------------------------------------------------------------------------
@@ -700,19 +737,58 @@ async def test_no_delegate_is_404_status(client: aiohttp.ClientSession) -> None:
     assert "no delegate is configured" in body["message"]
 
 
-async def test_delegate_down_is_502_quickly(client: aiohttp.ClientSession) -> None:
-    port = free_port()
-    async with bridge(DelegateSettings(url=f"http://127.0.0.1:{port}")) as running:
-        async with asyncio.timeout(3):
-            async with client.get(f"{running.url}/api/health") as response:
-                assert response.status == 502
-                body = await response.json()
+@asynccontextmanager
+async def unreachable(how: str) -> AsyncIterator[str]:
+    """A delegate URL at which Grafana cannot be reached, in the way ``how`` names."""
+    if how == "refused":
+        yield f"http://127.0.0.1:{free_port()}"
+        return
+    if how == "dns":
+        yield "http://grafana.invalid:3000"  # RFC 6761: never resolves
+        return
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Grafana dying under the request: it reads the request, then the connection ends
+        # without a byte of answer, politely (FIN) or abruptly (RST).
+        await reader.readuntil(b"\r\n\r\n")
+        if how == "reset":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize("how", ["refused", "closed-before-answer", "reset-before-answer", "dns"])
+async def test_unreachable_delegate_is_503_with_retry_after_quickly(
+    client: aiohttp.ClientSession, how: str
+) -> None:
+    """As kube-aggregator answers for a backend it cannot reach: 503, try again shortly."""
+    async with (
+        unreachable(how.removesuffix("-before-answer")) as url,
+        bridge(DelegateSettings(url=url)) as running,
+    ):
+        async with asyncio.timeout(3), client.post(f"{running.url}/x", data=b"{}") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            body = await response.json()
         method, code, seconds = await running.observed.get()
-        assert (method, code) == ("GET", 502)
+        assert (method, code) == ("POST", 503)
         assert seconds < 3
-    assert_status(body, 502)
-    assert "the Grafana delegate" in body["message"]
-    assert "127.0.0.1" not in body["message"] and str(port) not in body["message"]
+        # a WebSocket upgrade gets the same answer, before the client is upgraded
+        with pytest.raises(aiohttp.WSServerHandshakeError) as caught:
+            await client.ws_connect(f"{running.url}/ws")
+        assert caught.value.status == 503
+    assert_status(body, 503)
+    assert body["reason"] == "ServiceUnavailable"
+    assert "the Grafana delegate could not be reached" in body["message"]
+    address = URL(url)
+    assert str(address.host) not in body["message"] and str(address.port) not in body["message"]
 
 
 async def test_delegate_hangs_is_504_within_read_timeout(
@@ -775,6 +851,26 @@ async def _until(condition: Callable[[], bool]) -> None:
             if condition():
                 return
             await asyncio.sleep(0.05)
+
+
+async def test_connect_timeout_is_504_within_connect_timeout(
+    client: aiohttp.ClientSession,
+) -> None:
+    """Grafana's host takes no new connection (accept queue full): 504 after connect_timeout,
+    and the bridge keeps serving."""
+    with listener_that_never_accepts() as port:
+        settings = DelegateSettings(url=f"http://127.0.0.1:{port}", connect_timeout=0.3)
+        async with bridge(settings) as running:
+            for _ in range(2):  # the second request is not stuck behind the first
+                async with asyncio.timeout(3), client.get(f"{running.url}/api/x") as response:
+                    assert response.status == 504
+                    body = await response.json()
+                method, code, seconds = await running.observed.get()
+                assert (method, code) == ("GET", 504)
+                assert 0.3 <= seconds < 2
+    assert_status(body, 504)
+    assert "could not connect to the Grafana delegate within 0.3s" in body["message"]
+    assert str(port) not in body["message"]
 
 
 async def test_pool_exhaustion_is_504_not_a_hang(
@@ -938,6 +1034,58 @@ async def test_websocket_client_vanishing_closes_upstream(
     await ws.close()
 
 
+WS_LIMIT = 1024
+
+
+@pytest.mark.parametrize("size", [WS_LIMIT, WS_LIMIT + 1])
+async def test_websocket_message_limit_from_the_client(
+    grafana: FakeGrafana, client: aiohttp.ClientSession, size: int
+) -> None:
+    async with (
+        bridge(settings_for(grafana, max_ws_message_bytes=WS_LIMIT)) as running,
+        client.ws_connect(f"{running.url}/ws", max_msg_size=0) as ws,
+    ):
+        await ws.send_bytes(b"c" * size)
+        message = await ws.receive(timeout=WAIT)
+        if size <= WS_LIMIT:
+            assert (message.type, message.data) == (WSMsgType.BINARY, b"c" * size)
+            return
+        # the bridge refuses the frame it would have to buffer (1009) and tells Grafana that
+        # its client went away; nothing of the frame reached Grafana
+        assert (message.type, message.data) == (WSMsgType.CLOSE, WSCloseCode.MESSAGE_TOO_BIG)
+        assert (await asyncio.wait_for(grafana.ws_closed, WAIT))[0] == WSCloseCode.GOING_AWAY
+        await asyncio.wait_for(running.observed.get(), WAIT)
+        assert _relay_tasks() == []
+
+
+@pytest.mark.parametrize("size", [WS_LIMIT, WS_LIMIT + 1])
+async def test_websocket_message_limit_from_grafana(
+    grafana: FakeGrafana, client: aiohttp.ClientSession, size: int
+) -> None:
+    async with (
+        bridge(settings_for(grafana, max_ws_message_bytes=WS_LIMIT)) as running,
+        client.ws_connect(f"{running.url}/ws", max_msg_size=0) as ws,
+    ):
+        await ws.send_str(f"send-me:{size}")
+        message = await ws.receive(timeout=WAIT)
+        if size <= WS_LIMIT:
+            assert (message.type, message.data) == (WSMsgType.BINARY, b"g" * size)
+            return
+        # Grafana is told its message was too big (1009); the browser that its gateway's
+        # upstream failed (1014), and never sees a byte of the oversized message
+        assert (await asyncio.wait_for(grafana.ws_closed, WAIT))[0] == WSCloseCode.MESSAGE_TOO_BIG
+        assert (message.type, message.data) == (WSMsgType.CLOSE, WSCloseCode.BAD_GATEWAY)
+        await asyncio.wait_for(running.observed.get(), WAIT)
+        assert _relay_tasks() == []
+
+
+def test_websocket_message_limit_is_configurable_and_bounded() -> None:
+    assert DelegateSettings().max_ws_message_bytes == 4 * 1024 * 1024  # aiohttp's default
+    assert DelegateSettings(max_ws_message_bytes=1).max_ws_message_bytes == 1
+    with pytest.raises(ValidationError):
+        DelegateSettings(max_ws_message_bytes=0)  # aiohttp reads 0 as "no limit"
+
+
 async def test_websocket_refused_upgrade_passes_code(
     proxy: Bridge, client: aiohttp.ClientSession
 ) -> None:
@@ -1025,7 +1173,7 @@ async def test_fetch_json(grafana: FakeGrafana) -> None:
     async with Delegate(DelegateSettings(url=f"http://127.0.0.1:{free_port()}")) as down:
         with pytest.raises(StatusError) as caught:
             await down.fetch_json("/api/user", headers={}, timeout=5)
-        assert caught.value.code == 502
+        assert (caught.value.code, caught.value.retry_after) == (503, 1.0)
     async with Delegate(DelegateSettings()) as none:
         with pytest.raises(StatusError) as caught:
             await none.fetch_json("/api/user", headers={}, timeout=5)

@@ -343,13 +343,13 @@ NO_DELEGATE = [
         "delegate down: a path for Grafana",
         "down",
         "/api/dashboards/uid/x",
-        status(502, "BadGateway", "the Grafana delegate could not be reached"),
+        status(503, "ServiceUnavailable", "the Grafana delegate could not be reached"),
     ),
     (
         "delegate down: /apis",
         "down",
         "/apis",
-        status(502, "BadGateway", "the Grafana delegate could not be reached"),
+        status(503, "ServiceUnavailable", "the Grafana delegate could not be reached"),
     ),
 ]
 

@@ -182,19 +182,42 @@ async def test_plugin_failures_do_not_tell_clients_where_the_plugin_runs(scene: 
 def test_every_test_docs_security_cites_exists() -> None:
     root = Path(__file__).resolve().parents[2]
     text = (root / "docs" / "security.md").read_text()
-    missing = []
-    for line in text.splitlines():
-        for ref in _test_refs(line):
-            file, _, name = ref.partition("::")
-            path = root / file
-            if not path.exists() or (name and f"def {name}(" not in path.read_text()):
-                missing.append(ref)
-    assert missing == [], "docs/security.md cites tests that do not exist"
+    refs = [ref for line in text.splitlines() for ref in _test_refs(line)]
+    assert len(refs) > 50, "the citation parser found too few tests in docs/security.md"
+    assert _missing(root, refs) == [], "docs/security.md cites tests that do not exist"
 
 
 def _test_refs(line: str) -> list[str]:
-    refs = []
-    for part in line.split("`")[1::2]:
-        if part.startswith("tests/") and ".py" in part:
-            refs.append(part.split("[", 1)[0])
-    return refs
+    return [
+        part
+        for part in line.split("`")[1::2]
+        if part.startswith("tests/") and ".py" in part.partition("[")[0]
+    ]
+
+
+def _missing(root: Path, refs: list[str]) -> list[str]:
+    """The citations that name no test: ``file::name`` needs ``def name(`` in the file, and
+    ``file::name[id]`` also the case id as written there (a ``pytest.param`` id, a table key)."""
+    missing = []
+    for ref in refs:
+        file, _, test = ref.partition("::")
+        name, _, case = test.partition("[")
+        path = root / file
+        source = path.read_text() if path.is_file() else ""
+        case = case.removesuffix("]")
+        no_test = not source or (name and f"def {name}(" not in source)
+        no_case = case and f'"{case}"' not in source and f"'{case}'" not in source
+        if no_test or no_case:
+            missing.append(ref)
+    return missing
+
+
+def test_the_citation_check_catches_what_it_should(tmp_path: Path) -> None:
+    line = "| x | `tests/a.py::test_a`, `tests/a.py::test_a[case one]`, `limits.x`, `tests/b.py` |"
+    refs = _test_refs(line)
+    assert refs == ["tests/a.py::test_a", "tests/a.py::test_a[case one]", "tests/b.py"]
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "a.py").write_text('CASES = {"case one": 1}\ndef test_a(case): ...\n')
+    assert _missing(tmp_path, refs) == ["tests/b.py"]
+    wrong = ["tests/a.py::test_b", "tests/a.py::test_a[case two]", "tests/a.py::test_a[one]"]
+    assert _missing(tmp_path, wrong) == wrong
