@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from bridge.auth import AuthSettings
 from bridge.delegate import DelegateSettings
@@ -126,6 +133,19 @@ class DataPlaneSettings(_Section):
     auto_register: Literal["all", "none"] | tuple[str, ...] = "all"
     # How often the availability controller re-checks plugins when nothing else changed.
     availability_resync: float = Field(default=10.0, gt=0)
+    # Replicas sharing etcd elect one status writer (bridge/controllers/leader.py): the etcd
+    # lease's time to live, and how often the leader renews it and followers try to take it.
+    leader_lease_duration: float = Field(default=15.0, ge=2)
+    leader_retry_period: float = Field(default=2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _renew_inside_the_lease(self) -> DataPlaneSettings:
+        if self.leader_retry_period * 3 > self.leader_lease_duration:
+            raise ValueError(
+                "leader_retry_period must be at most a third of leader_lease_duration "
+                "(the lease is renewed several times before it could expire)"
+            )
+        return self
 
 
 class LimitsSettings(_Section):
@@ -157,10 +177,16 @@ class StreamsSettings(_Section):
     # "drop_oldest": the subscriber loses its oldest waiting message; "disconnect": it is closed.
     overflow: Literal["drop_oldest", "disconnect"] = "drop_oldest"
     max_subscribers: int = Field(default=1000, ge=1)
+    # Channels (each one RunStream) open at once for one plugin, across orgs and datasources;
+    # a subscriber that would open one more is refused (429 / WebSocket close 1013).
+    max_channels_per_plugin: int = Field(default=100, ge=1)
     # Largest message a client may send (WebSocket message, POST body or ?data=).
     max_message_bytes: int = Field(default=65536, gt=0)
     # Seconds between SSE heartbeat comments on an idle stream.
     heartbeat: float = Field(default=15.0, gt=0)
+    # Seconds one SSE write may wait for a client that stopped reading; past it the
+    # subscription ends and the connection is aborted.
+    write_timeout: float = Field(default=30.0, gt=0)
     # Seconds between WebSocket pings; a client whose pong is not back within half of it is
     # disconnected. None: no pings.
     ws_ping: float | None = Field(default=25.0, gt=0)

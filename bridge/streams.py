@@ -5,6 +5,9 @@ plugins) within one org. The first subscriber starts the plugin's ``RunStream``;
 to leave cancels it. If the stream fails while subscribers remain it is started again with
 exponential backoff and a freshly built PluginContext, as Grafana Live does.
 
+One plugin has at most ``streams.max_channels_per_plugin`` channels open at once, so a caller
+cannot open a RunStream per path without bound.
+
 Every subscriber has a bounded buffer of its own, filled without waiting: a slow subscriber
 loses its oldest messages (or is disconnected, by ``streams.overflow``) and never slows the
 plugin or the other subscribers. See docs/streams.md.
@@ -94,6 +97,13 @@ class StreamStart:
 
 class StreamFull(Exception):
     """The channel already has ``streams.max_subscribers`` subscribers."""
+
+
+class TooManyChannels(StreamFull):
+    """The plugin already has ``streams.max_channels_per_plugin`` channels open.
+
+    A subclass of :class:`StreamFull`: both are answered alike (429 / close 1013).
+    """
 
 
 class HubClosed(Exception):
@@ -209,6 +219,7 @@ class StreamHub:
         self._client = client
         self._metrics = metrics
         self._channels: dict[StreamKey, _Channel] = {}
+        self._per_plugin: dict[str, int] = {}  # channels in self._channels, by plugin
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         registry = metrics.registry
@@ -236,6 +247,12 @@ class StreamHub:
             ("plugin_id", "reason"),
             registry=registry,
         )
+        self._refused = Counter(
+            "grafana_bridge_stream_channels_refused",
+            "New channels refused because the plugin had streams.max_channels_per_plugin open.",
+            ("plugin_id",),
+            registry=registry,
+        )
         self._restarts = Counter(
             "grafana_bridge_stream_restarts",
             "Times a failed plugin stream was started again, by plugin.",
@@ -251,8 +268,19 @@ class StreamHub:
             raise HubClosed("the bridge is shutting down")
         channel = self._channels.get(key)
         if channel is None:
+            # Every new path is one more RunStream on the plugin: bounded per plugin, as calls
+            # are by limits.max_calls_per_plugin (which streams, being long, are not counted in).
+            open_now = self._per_plugin.get(key.plugin_id, 0)
+            limit = self.settings.max_channels_per_plugin
+            if open_now >= limit:
+                self._refused.labels(key.plugin_id).inc()  # the handler logs the refusal
+                raise TooManyChannels(
+                    f"plugin {key.plugin_id} has {open_now} open streams "
+                    f"(streams.max_channels_per_plugin)"
+                )
             channel = _Channel(key, start)
             self._channels[key] = channel
+            self._per_plugin[key.plugin_id] = open_now + 1
         elif len(channel.subscribers) >= self.settings.max_subscribers:
             raise StreamFull(
                 f"stream {key.channel} already has {len(channel.subscribers)} subscribers "
@@ -275,10 +303,21 @@ class StreamHub:
         channel.subscribers.discard(subscriber)
         self._subscribers.labels(channel.key.plugin_id).dec()
         if not channel.subscribers:
-            if self._channels.get(channel.key) is channel:
-                del self._channels[channel.key]
+            self._forget(channel)
             if channel.task is not None:
                 channel.task.cancel()
+
+    def _forget(self, channel: _Channel) -> None:
+        """Take ``channel`` out of the table (idempotent); frees its per-plugin slot."""
+        key = channel.key
+        if self._channels.get(key) is not channel:
+            return
+        del self._channels[key]
+        remaining = self._per_plugin[key.plugin_id] - 1
+        if remaining:
+            self._per_plugin[key.plugin_id] = remaining
+        else:
+            del self._per_plugin[key.plugin_id]
 
     def publish(self, key: StreamKey, data: bytes) -> int:
         """Send ``data`` to every subscriber of ``key`` (a PublishStream's answer); how many."""
@@ -312,8 +351,7 @@ class StreamHub:
 
     def _end(self, channel: _Channel, end: StreamEnd) -> None:
         """End every subscription of ``channel`` and forget it (its task is ending or done)."""
-        if self._channels.get(channel.key) is channel:
-            del self._channels[channel.key]
+        self._forget(channel)
         for subscriber in list(channel.subscribers):
             subscriber.finish(end, discard=end.code == CLOSE_GOING_AWAY)
 

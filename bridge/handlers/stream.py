@@ -13,7 +13,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import WSMsgType, web
 
@@ -278,6 +278,7 @@ async def _sse(
     try:
         subscriber = hub.join(key, start)
     except StreamFull as exc:
+        log.warning("%s", exc)
         raise StatusError(429, str(exc), retry_after=1.0) from None
     except HubClosed as exc:
         raise StatusError(503, str(exc), retry_after=1.0) from None
@@ -292,26 +293,53 @@ async def _sse(
             }
         )
         await response.prepare(call.request)
-        if answer.data:
-            await response.write(_event(answer.data))
         heartbeat = hub.settings.heartbeat
-        with contextlib.suppress(ConnectionError):
+        write = _bounded_writer(response, hub.settings.write_timeout)
+        try:
+            if answer.data:
+                await write(_event(answer.data))
             while True:
                 items = await subscriber.next_batch(timeout=heartbeat)
                 if items:
-                    await response.write(b"".join(_item_event(item) for item in items))
+                    await write(b"".join(_item_event(item) for item in items))
                 elif subscriber.end is not None:
                     break
                 else:
-                    await response.write(b": heartbeat\n\n")
+                    await write(b": heartbeat\n\n")
             end = subscriber.end
             if end is not None:
                 body = {"code": end.code, "reason": end.reason}
-                await response.write(_event(json.dumps(body).encode(), name="end"))
+                await write(_event(json.dumps(body).encode(), name="end"))
             await response.write_eof()
+        except ConnectionError:
+            pass  # the client went away; leaving below cancels the stream if it was the last
+        except TimeoutError:
+            # The client stopped reading: its socket buffers are full and nothing more can be
+            # sent, not even an end event. Drop the connection so the slot (and, if it was the
+            # last subscriber, the plugin's RunStream) is freed, as a WebSocket's ping would.
+            log.warning(
+                "stream %s: an SSE subscriber read nothing for %ss (streams.write_timeout); "
+                "dropping it",
+                key.channel,
+                hub.settings.write_timeout,
+            )
+            _aborter(call.request)()
         return response
     finally:
         subscriber.leave()
+
+
+def _bounded_writer(
+    response: web.StreamResponse, timeout: float
+) -> Callable[[bytes], Awaitable[None]]:
+    """``response.write`` that raises ``TimeoutError`` if the client does not take the bytes
+    within ``timeout`` seconds (aiohttp waits for the transport to drain, without a limit)."""
+
+    async def write(data: bytes) -> None:
+        async with asyncio.timeout(timeout):
+            await response.write(data)
+
+    return write
 
 
 def _item_event(item: bytes | Notice) -> bytes:

@@ -54,6 +54,7 @@ pytestmark = [pytest.mark.go, pytest.mark.asyncio(loop_scope="module")]
 APP_GROUP = "pystream.app.grafana.app"
 STREAM_SERVICES = ({"type": "query"}, {"type": "stream"})
 MAX_SUBSCRIBERS = 10
+MAX_CHANNELS = 4  # per plugin
 MAX_MESSAGE = 1024
 BUFFER = 256
 HEARTBEAT = 0.5
@@ -76,6 +77,7 @@ def stream_config(root: Path, **overrides: Any) -> Any:
     )
     settings = {
         "streams.max_subscribers": MAX_SUBSCRIBERS,
+        "streams.max_channels_per_plugin": MAX_CHANNELS,
         "streams.max_message_bytes": MAX_MESSAGE,
         "streams.buffer_size": BUFFER,
         "streams.heartbeat": HEARTBEAT,
@@ -298,6 +300,62 @@ async def test_bad_requests_get_a_status(
     assert_status(answer, code, reason or "RequestEntityTooLarge", message)
 
 
+async def test_channels_per_plugin_are_limited(door: FrontDoor) -> None:
+    """One caller opening ticks/1..N gets at most streams.max_channels_per_plugin RunStreams."""
+    quiet = {"intervalMs": 60000}
+    runs = await door.plugin_calls(PY, "runStream")
+    refused = await metric(door, "grafana_bridge_stream_channels_refused_total", plugin_id=PY)
+    sockets = []
+    for n in range(MAX_CHANNELS):
+        ws = await connect(door, stream_path("py", f"ticks/{n}", data=quiet))
+        assert await next_json(ws) == {"path": f"ticks/{n}"}
+        assert await ticks(ws, 1) == [0]  # the channel's RunStream is running
+        sockets.append(ws)
+    assert len(door.bridge.streams.channels()) == MAX_CHANNELS
+
+    # One more path of the same plugin: 1013 on a WebSocket, 429 + Retry-After over SSE.
+    extra = await connect(door, stream_path("py", "ticks/one-more", data=quiet))
+    assert await closed_with(extra) == (
+        1013,
+        f"plugin {PY} has {MAX_CHANNELS} open streams (streams.max_channels_per_plugin)",
+    )
+    sse_headers = {"Accept": "text/event-stream"}
+    answer = await door.call("GET", stream_path("py", "ticks/one-more"), headers=sse_headers)
+    assert_status(answer, 429, "TooManyRequests", "streams.max_channels_per_plugin")
+    assert answer.headers["Retry-After"] == "1"
+    # The app-plugin endpoint of the same plugin counts too.
+    app = await connect(door, stream_path(None, "ticks/app-more", group=APP_GROUP))
+    assert (await closed_with(app))[0] == 1013
+    assert (
+        await metric(door, "grafana_bridge_stream_channels_refused_total", plugin_id=PY)
+        == refused + 3
+    )
+
+    # Joining an open channel is not limited by it, and other plugins have their own count.
+    joined = await connect(door, stream_path("py", "ticks/0", data=quiet))
+    assert await next_json(joined) == {"path": "ticks/0"}
+    go = await connect(door, stream_path("go", "ticks/go-more", group=GO_GROUP))
+    assert len(await ticks(go, 1)) == 1
+    await go.close()
+
+    # A channel closed (its last subscriber left) frees its slot.
+    await sockets.pop().close()
+
+    async def freed() -> bool:
+        return len(door.bridge.streams.channels()) == MAX_CHANNELS - 1
+
+    await eventually(freed, what="the closed channel was forgotten")
+    ws = await connect(door, stream_path("py", "ticks/one-more", data=quiet))
+    assert await next_json(ws) == {"path": "ticks/one-more"}
+    assert await ticks(ws, 1) == [0]
+    sockets.append(ws)
+    # Only the accepted channels ever reached the plugin's RunStream.
+    assert await door.plugin_calls(PY, "runStream") == runs + MAX_CHANNELS + 1
+    for ws in [*sockets, joined]:
+        await ws.close()
+    await no_streams_left(door)
+
+
 async def test_messages_are_published_to_every_subscriber(door: FrontDoor) -> None:
     path = stream_path("py", "ticks/chat", data={"intervalMs": 60000})
     ws = await connect(door, path)
@@ -343,23 +401,35 @@ async def stalled_websocket(door: FrontDoor, path: str) -> socket.socket:
     Its receive window is 4 KiB, so the bridge's writes back up after a few packets (an
     aiohttp client would keep reading into memory).
     """
+    key = base64.b64encode(os.urandom(16)).decode()
+    upgrade = (
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        "Sec-WebSocket-Version: 13\r\n"
+    )
+    return await _stalled(door, path, upgrade, b"HTTP/1.1 101")
+
+
+async def stalled_sse(door: FrontDoor, path: str) -> socket.socket:
+    """An SSE client that reads the response head and then never reads again (4 KiB window)."""
+    return await _stalled(door, path, "Accept: text/event-stream\r\n", b"HTTP/1.1 200")
+
+
+async def _stalled(door: FrontDoor, path: str, headers: str, expected: bytes) -> socket.socket:
     loop = asyncio.get_running_loop()
     host, port = door.target("/").host, door.target("/").port
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
     await loop.sock_connect(sock, (host, port))
-    key = base64.b64encode(os.urandom(16)).decode()
     request = (
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}"
         f"Authorization: {auth_headers('admin')['Authorization']}\r\n\r\n"
     )
     await loop.sock_sendall(sock, request.encode())
     head = b""
     while b"\r\n\r\n" not in head:
         head += await asyncio.wait_for(loop.sock_recv(sock, 1), WAIT)
-    assert head.startswith(b"HTTP/1.1 101"), head
+    assert head.startswith(expected), head
     return sock
 
 

@@ -10,9 +10,17 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import cast
 
+import pytest
+
 from bridge.config import StreamsSettings
 from bridge.metrics import BridgeMetrics
-from bridge.streams import CLOSE_INTERNAL, StreamHub, StreamKey, StreamStart
+from bridge.streams import (
+    CLOSE_INTERNAL,
+    StreamHub,
+    StreamKey,
+    StreamStart,
+    TooManyChannels,
+)
 from plugin_host.client import BackendClient
 from protos.pluginv2 import backend_pb2 as pb
 
@@ -59,6 +67,37 @@ async def test_an_unexpected_failure_ends_the_channel_instead_of_hanging_it() ->
             assert await second.next_batch() == [b'{"n":0}']
         assert client.calls == 2
         second.leave()
+    finally:
+        await hub.close()
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]
+
+
+async def test_a_channel_that_ends_frees_its_place_in_the_per_plugin_limit() -> None:
+    """max_channels_per_plugin counts channels in the table, however they leave it: the last
+    subscriber leaving, or the stream ending while subscribers are still attached."""
+    client = BrokenClient()
+    hub = StreamHub(
+        StreamsSettings(max_channels_per_plugin=1),
+        client=lambda plugin_id: cast(BackendClient, client),
+        metrics=BridgeMetrics(lambda: []),
+    )
+    other_path = StreamKey("fake-plugin", 1, "ds", "other")
+    other_plugin = StreamKey("other-plugin", 1, "ds", "ticks")
+    try:
+        first = hub.join(KEY, START)
+        with pytest.raises(TooManyChannels, match="fake-plugin has 1 open streams"):
+            hub.join(other_path, START)
+        hub.join(other_plugin, START).leave()  # another plugin: a count of its own
+        # The stream ends (a bug here) with `first` still attached: its place is free at once.
+        async with asyncio.timeout(5):
+            while first.end is None:
+                await first.next_batch()
+        second = hub.join(other_path, START)
+        first.leave()  # leaving a forgotten channel frees nothing twice
+        with pytest.raises(TooManyChannels):
+            hub.join(KEY, START)
+        second.leave()
+        hub.join(KEY, START).leave()
     finally:
         await hub.close()
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]

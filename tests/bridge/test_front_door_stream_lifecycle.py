@@ -1,4 +1,5 @@
-"""Streams under ``streams.overflow: disconnect``, and when the bridge shuts down.
+"""Streams with settings of their own: ``streams.overflow: disconnect``, a stalled SSE client
+under ``drop_oldest`` and ``streams.write_timeout``, restart backoff, and shutdown.
 
 Each test runs its own bridge with the Python fixture only; the clients are real (aiohttp
 WebSocket and SSE clients, and a raw socket that stops reading after its handshake).
@@ -7,6 +8,10 @@ WebSocket and SSE clients, and a raw socket that stops reading after its handsha
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,8 @@ from tests.bridge.conftest import (
 from tests.bridge.test_front_door_stream import (
     connect,
     no_streams_left,
+    sse,
+    stalled_sse,
     stalled_websocket,
     stream_config,
     stream_path,
@@ -66,6 +73,89 @@ async def test_a_slow_subscriber_is_disconnected_and_the_others_go_on(tmp_path: 
         finally:
             slow.close()
         await no_streams_left(door)
+
+
+async def test_a_stalled_sse_subscriber_loses_messages_then_is_dropped(tmp_path: Path) -> None:
+    """drop_oldest keeps a stalled SSE client subscribed, losing messages; once one write has
+    waited streams.write_timeout it is dropped, and its slot and the stream go on without it."""
+    write_timeout = 2.0
+    config = stream_config(tmp_path, **{"streams.write_timeout": write_timeout})
+    path = stream_path("py", "ticks/flood", data={"intervalMs": 2, "pad": 16000})
+    async with front_door(config) as door:
+        slow = await stalled_sse(door, path)
+        try:
+            fast = await connect(door, path)
+            got: list[int] = []
+
+            async def subscribers() -> float:
+                return sample(await door.metrics(), "grafana_bridge_stream_subscribers") or 0.0
+
+            async def overflowed() -> bool:
+                got.extend(await ticks(fast, 10))
+                text = await door.metrics()
+                dropped = sample(
+                    text, "grafana_bridge_stream_dropped_messages_total", reason="buffer_full"
+                )
+                return bool(dropped)
+
+            await eventually(overflowed, what="the stalled SSE subscriber's buffer overflowed")
+            # Dropping messages, not the subscriber: until write_timeout it is still there.
+            overflowed_at = time.monotonic()
+            assert await subscribers() == 2
+
+            async def dropped() -> bool:
+                got.extend(await ticks(fast, 10))
+                return await subscribers() == 1
+
+            await eventually(dropped, what="the stalled SSE subscriber was dropped")
+            assert time.monotonic() - overflowed_at < write_timeout + 5
+            # Its connection was aborted: what the kernel holds is readable, then it ends.
+            await _read_to_the_end(slow)
+            # The other subscriber got every packet in order throughout, and still does.
+            got.extend(await ticks(fast, 20))
+            assert got == list(range(got[0], got[0] + len(got)))
+            await fast.close()
+        finally:
+            slow.close()
+        await no_streams_left(door)
+
+
+async def _read_to_the_end(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(WAIT):
+            while await loop.sock_recv(sock, 65536):
+                pass
+
+
+async def test_restart_backoff_doubles_up_to_its_maximum(tmp_path: Path) -> None:
+    """While the plugin is down every RunStream fails at once; the waits between the attempts
+    (the `in` of SSE `restarting` events) double from restart_backoff to restart_max_backoff."""
+    first, cap = 0.05, 0.2
+    config = stream_config(
+        tmp_path,
+        **{
+            "streams.restart_backoff": first,
+            "streams.restart_max_backoff": cap,
+            # The plugin stays down for 3 s: time for a dozen failed starts.
+            "plugins.restart.initial_backoff": 3.0,
+        },
+    )
+    path = stream_path("py", "ticks/backoff", data={"intervalMs": 20})
+    async with front_door(config) as door, sse(door, path) as events:
+        assert await events.next_of("message") == {"path": "ticks/backoff"}
+        assert (await events.next_of("message"))["tick"] == 0
+        pid = door.bridge.host.registry.status(PY).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        waits = [(await events.next_of("restarting"))["in"] for _ in range(7)]
+        expected = [min(first * 2**n, cap) for n in range(7)]  # .05 .1 .2 .2 .2 .2 .2
+        for got, want in zip(waits, expected, strict=True):
+            assert want * 0.8 <= got <= want * 1.2, (waits, expected)  # ±20 % jitter
+        # Once the plugin is back the stream delivers again.
+        async with asyncio.timeout(WAIT):
+            while "tick" not in await events.next_of("message"):
+                pass
 
 
 async def subscribe_both(
