@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -116,27 +117,30 @@ class DataPlaneService:
                 causes.append(
                     Cause(
                         "spec.pluginType",
-                        f'Unsupported value: "{plugin_type_raw}": '
+                        f"Unsupported value: {shown(plugin_type_raw)}: "
                         'supported values: "app", "datasource"',
                         "FieldValueNotSupported",
                     )
                 )
         group = _string(spec, "group", causes, required=True)
         if group and (not _DNS_SUBDOMAIN.match(group) or len(group) > 253):
-            causes.append(Cause("spec.group", f'Invalid value: "{group}": must be a DNS subdomain'))
+            causes.append(
+                Cause("spec.group", f"Invalid value: {shown(group)}: must be a DNS subdomain")
+            )
         version = _string(spec, "version", causes, required=True)
         if version and not _VERSION.match(version):
             causes.append(
                 Cause(
                     "spec.version",
-                    f'Invalid value: "{version}": must look like v1, v2beta1 or v0alpha1',
+                    f"Invalid value: {shown(version)}: must look like v1, v2beta1 or v0alpha1",
                 )
             )
         if name and group and version and name != f"{version}.{group}":
             causes.append(
                 Cause(
                     "metadata.name",
-                    f'Invalid value: "{name}": must be "{version}.{group}" (<version>.<group>)',
+                    f"Invalid value: {shown(name)}: "
+                    f"must be {shown(f'{version}.{group}')} (<version>.<group>)",
                 )
             )
         services = _services(spec.get("services"), causes)
@@ -160,7 +164,7 @@ def _string(spec: Mapping[str, Any], key: str, causes: list[Cause], *, required:
             causes.append(Cause(f"spec.{key}", "Required value", "FieldValueRequired"))
         return ""
     if not isinstance(value, str):
-        causes.append(Cause(f"spec.{key}", f"Invalid value: {value!r}: must be a string"))
+        causes.append(Cause(f"spec.{key}", f"Invalid value: {shown(value)}: must be a string"))
         return ""
     return value
 
@@ -179,20 +183,25 @@ def _services(raw: object, causes: list[Cause]) -> tuple[Service, ...]:
             causes.append(Cause(where, "Invalid value: must be an object"))
             continue
         type_raw = item.get("type")
-        kind = SERVICE_TYPE_ALIASES.get(str(type_raw)) if isinstance(type_raw, str) else None
+        if type_raw is None or type_raw == "":
+            causes.append(Cause(f"{where}.type", "Required value", "FieldValueRequired"))
+            continue
+        kind = SERVICE_TYPE_ALIASES.get(type_raw) if isinstance(type_raw, str) else None
         if kind is None:
             try:
-                kind = ServiceType(str(type_raw))
+                kind = ServiceType(type_raw) if isinstance(type_raw, str) else None
             except ValueError:
-                supported = ", ".join(f'"{t}"' for t in ServiceType)
-                causes.append(
-                    Cause(
-                        f"{where}.type",
-                        f'Unsupported value: "{type_raw}": supported values: {supported}',
-                        "FieldValueNotSupported",
-                    )
+                kind = None
+        if kind is None:
+            causes.append(
+                Cause(
+                    f"{where}.type",
+                    f"Unsupported value: {shown(type_raw)}: supported values: "
+                    + ", ".join(shown(t.value) for t in ServiceType),
+                    "FieldValueNotSupported",
                 )
-                continue
+            )
+            continue
         if kind in seen:
             causes.append(
                 Cause(
@@ -209,7 +218,8 @@ def _services(raw: object, causes: list[Cause]) -> tuple[Service, ...]:
                 causes.append(
                     Cause(
                         f"{where}.method",
-                        f"Unsupported value: {method!r}: must be an HTTP method",
+                        f"Unsupported value: {shown(method)}: supported values: "
+                        + ", ".join(shown(m) for m in sorted(HTTP_METHODS)),
                         "FieldValueNotSupported",
                     )
                 )
@@ -222,12 +232,26 @@ def _services(raw: object, causes: list[Cause]) -> tuple[Service, ...]:
         if path is not None and path != "":
             problem = path_pattern_problem(path) if isinstance(path, str) else "must be a string"
             if problem:
-                causes.append(Cause(f"{where}.path", f"Invalid value: {path!r}: {problem}"))
+                causes.append(Cause(f"{where}.path", f"Invalid value: {shown(path)}: {problem}"))
                 path = None
         else:
             path = None
         services.append(Service(type=kind, method=method, path=path))
     return tuple(services)
+
+
+def shown(value: object) -> str:
+    """A value as Kubernetes prints it in a field error: strings in double quotes, JSON-escaped.
+
+    Long values are cut, so a cause never echoes a whole hostile body back.
+    """
+    if isinstance(value, str):
+        text = json.dumps(value if len(value) <= 200 else value[:200] + "…", ensure_ascii=False)
+    elif value is None or isinstance(value, (bool, int, float)):
+        text = json.dumps(value)
+    else:
+        text = f"<{type(value).__name__}>"  # a list or object where a scalar belongs
+    return text
 
 
 def path_pattern_problem(pattern: str) -> str | None:
@@ -254,9 +278,9 @@ def path_pattern_problem(pattern: str) -> str | None:
                 return f"{{{name}...}} must be the last segment"
             continue
         if "{" in segment or "}" in segment:
-            return f"segment {segment!r} mixes text and a wildcard"
+            return f"segment {shown(segment)} mixes text and a wildcard"
         if not _SEGMENT.match(segment):
-            return f"segment {segment!r} has characters that are not allowed in a URL path"
+            return f"segment {shown(segment)} has characters that are not allowed in a URL path"
     return None
 
 

@@ -27,8 +27,36 @@ class ManifestProblem:
 
 
 @dataclass(frozen=True, slots=True)
+class ManifestService(DataPlaneService):
+    """A DataPlaneService loaded from a manifest file, which it remembers (``source``).
+
+    The route table gives these precedence over stored objects of the same group/version:
+    a manifest is a file the operator configured, a stored object came through the API.
+    """
+
+    source: Path = Path()
+
+    @classmethod
+    def loaded(cls, service: DataPlaneService, source: Path) -> ManifestService:
+        return cls(
+            name=service.name,
+            plugin_id=service.plugin_id,
+            plugin_type=service.plugin_type,
+            group=service.group,
+            version=service.version,
+            services=service.services,
+            object=service.object,
+            source=source,
+        )
+
+    @property
+    def origin(self) -> str:
+        return f"manifest {self.source}"
+
+
+@dataclass(frozen=True, slots=True)
 class ManifestSet:
-    services: tuple[DataPlaneService, ...]
+    services: tuple[ManifestService, ...]
     problems: tuple[ManifestProblem, ...]
 
 
@@ -37,7 +65,7 @@ def load_manifests(directories: Iterable[Path]) -> ManifestSet:
 
     A bad document is reported and skipped; the others still load.
     """
-    services: dict[str, DataPlaneService] = {}
+    services: dict[str, ManifestService] = {}
     problems: list[ManifestProblem] = []
     for directory in directories:
         if not directory.is_dir():
@@ -75,7 +103,7 @@ def load_manifests(directories: Iterable[Path]) -> ManifestSet:
                         ManifestProblem(path, f"{label}: {service.name} is defined twice")
                     )
                     continue
-                services[service.name] = service
+                services[service.name] = ManifestService.loaded(service, path)
     return ManifestSet(
         services=tuple(services[n] for n in sorted(services)), problems=tuple(problems)
     )

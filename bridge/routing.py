@@ -17,6 +17,7 @@ from enum import StrEnum
 from urllib.parse import unquote
 
 from bridge.apis import DataPlaneService, PluginType, ServiceType
+from bridge.manifests import ManifestService
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,23 @@ class Mount:
     service: DataPlaneService
     routes: tuple[Route, ...]
 
+    @property
+    def origin(self) -> str:
+        """Where the mounted object comes from: ``manifest <file>`` or ``stored object <name>``."""
+        return origin_of(self.service)
+
+
+def origin_of(service: DataPlaneService) -> str:
+    """``manifest <file>`` for a service loaded from a manifest, else ``stored object <name>``."""
+    if isinstance(service, ManifestService):
+        return service.origin
+    return f"stored object {service.name}"
+
+
+def _precedence(service: DataPlaneService) -> tuple[int, str]:
+    # Manifests first (files the operator configured), then stored objects; by name within.
+    return (0 if isinstance(service, ManifestService) else 1, service.name)
+
 
 _QUERY = frozenset({"POST"})
 _READ = frozenset({"GET", "HEAD"})
@@ -148,19 +166,26 @@ class RouteTable:
     """An immutable snapshot of every mounted DataPlaneService."""
 
     mounts: Mapping[tuple[str, str], Mount] = field(default_factory=dict)
-    # name of each object that lost a group/version conflict → the name that won it
+    # name of each object that lost a group/version conflict → the origin of the one that
+    # holds the mount (:attr:`Mount.origin`, e.g. "manifest /etc/bridge/dps/x.yaml")
     conflicts: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def build(cls, services: Iterable[DataPlaneService]) -> RouteTable:
-        """Mount each service; of two claiming one group/version, the first by name wins."""
+        """Mount each service; of two claiming one group/version, a manifest's wins.
+
+        Object names are ``<version>.<group>``, so two stored objects (or two manifests, which
+        :func:`~bridge.manifests.load_manifests` refuses) never claim one group/version: the
+        only conflict is a manifest and a stored object of the same name, and the manifest,
+        a file the operator configured, holds the mount, whatever order ``services`` come in.
+        """
         mounts: dict[tuple[str, str], Mount] = {}
         conflicts: dict[str, str] = {}
-        for service in sorted(services, key=lambda s: s.name):
+        for service in sorted(services, key=_precedence):
             key = (service.group, service.version)
             winner = mounts.get(key)
             if winner is not None:
-                conflicts[service.name] = winner.service.name
+                conflicts[service.name] = winner.origin
                 continue
             mounts[key] = Mount(service=service, routes=routes_for(service))
         return cls(mounts=mounts, conflicts=conflicts)

@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
-from bridge.apis import DataPlaneService
+from bridge.apis import GROUP, RESOURCE, DataPlaneService
 from bridge.apiserver import DataPlaneServiceAPI, api_group
 from bridge.auth import authorize_namespace, build_authenticator, require_identity
 from bridge.config import BridgeConfig
 from bridge.context import Contexts
-from bridge.controllers.autoregister import auto_register
-from bridge.controllers.availability import AvailabilityController
+from bridge.controllers.autoregister import Candidate, auto_register, make_ledger
+from bridge.controllers.availability import AvailabilityController, judge
+from bridge.controllers.leader import make_elector
 from bridge.controllers.registration import RegistrationController
 from bridge.delegate import Delegate
 from bridge.dsproxy import DatasourceProxy
@@ -45,12 +47,20 @@ from plugin_host.host import PluginHost
 
 log = logging.getLogger(__name__)
 
-# Not counted against limits.max_calls_per_plugin: they last as long as the client listens
-# (the Kubernetes API server exempts watches from max-in-flight the same way).
 # Not counted against limits.max_calls_per_plugin: streams are long-running (as watches are
 # exempt from the Kubernetes API server's max-in-flight limit), and the datasource proxy never
 # calls the plugin process (it has its own bounds: datasource_proxy.max_connections, timeout).
 UNCOUNTED = frozenset({Endpoint.STREAM, Endpoint.PROXY})
+
+# Available=False reasons that stop a request in front of the plugin with a 503, as
+# kube-aggregator refuses requests to an APIService that is not available. HealthCheckFailed
+# is left out on purpose: it is one missed go-plugin health ping, sampled every
+# dataplane.availability_resync seconds, while the process is still running and may well
+# answer; a plugin that keeps failing is restarted by its supervisor (then PluginNotRunning).
+# Conflict and Invalid never get here: such objects are not in the route table. The datasource
+# proxy is not gated: it never calls the plugin process, and refuses by itself (503) when the
+# plugin's plugin.json, which holds its routes, is not loaded.
+REFUSING_REASONS = frozenset({"PluginNotFound", "CrashLooping", "PluginNotRunning"})
 
 HANDLERS: Mapping[Endpoint, Handler] = {
     Endpoint.QUERY: handle_query,
@@ -96,6 +106,12 @@ class Bridge:
             ping=self._ping,
             parsed=self.registration.parsed,
             resync=config.dataplane.availability_resync,
+            leader=make_elector(
+                self.store,
+                lease_duration=config.dataplane.leader_lease_duration,
+                retry_period=config.dataplane.leader_retry_period,
+                registry=self.metrics.registry,
+            ),
         )
         self.host.registry.add_listener(self.availability.poke)
         self.manifests = ManifestWatcher(
@@ -192,11 +208,14 @@ class Bridge:
             spec = self.host.discovery.get(status.plugin_id)
             if spec is None or (choice != "all" and status.plugin_id not in choice):
                 continue
-            wanted.append((status.plugin_id, spec.type, status.services))
+            wanted.append(Candidate.of(spec.plugin_json, status.services))
+        ledger = make_ledger(self.config.storage)
         try:
-            await auto_register(self.store, wanted)
+            await auto_register(self.store, wanted, ledger=ledger)
         except StoreError as exc:
             log.warning("auto-registration skipped: storage unavailable (%s)", exc.message)
+        finally:
+            await ledger.close()
 
     def _plugin_routes(self, plugin_id: str) -> tuple[Mapping[str, Any], ...] | None:
         spec = self.host.discovery.get(plugin_id)
@@ -233,10 +252,50 @@ class Bridge:
             # Service types this bridge does not serve yet fall through, as upstream's do.
             return await self.delegate.proxy(request)
         call = await self._authorize(request, resolved)
+        self._refuse_if_unavailable(resolved)
         if resolved.endpoint in UNCOUNTED:
             return await handler(call, self.deps)
         with self.deps.concurrency.slot(call.plugin_id):
             return await handler(call, self.deps)
+
+    def _refuse_if_unavailable(self, match: Match) -> None:
+        """503 when the service's plugin cannot take calls, for the Available condition's reason.
+
+        The verdict comes from :func:`judge` on the registry's state right now (not from the
+        stored condition, which lags and which manifest-loaded services do not have).
+        """
+        if match.endpoint is Endpoint.PROXY:
+            return
+        service = match.service
+        registry = self.host.registry
+        status = registry.status(service.plugin_id) if service.plugin_id in registry else None
+        verdict = judge(
+            {"metadata": {"name": service.name}},
+            table=self.routes,
+            plugins={} if status is None else {service.plugin_id: status},
+            load_errors=self._load_errors() if status is None else {},
+            healthy={},
+            parsed=service,
+        )
+        if verdict.status == "True" or verdict.reason not in REFUSING_REASONS:
+            return
+        if status is None:
+            retry_after = self.config.dataplane.availability_resync
+        elif status.next_start_at is not None:
+            retry_after = max(1.0, status.next_start_at - time.time())
+        else:
+            retry_after = 1.0
+        raise StatusError(
+            503,
+            f"{service.name} is not available ({verdict.reason}): {verdict.text}",
+            retry_after=retry_after,
+            details={
+                "name": service.name,
+                "group": GROUP,
+                "kind": RESOURCE,
+                "causes": [{"reason": verdict.reason, "message": verdict.text}],
+            },
+        )
 
     async def _authorize(self, request: web.Request, match: Match) -> Call:
         identity = await require_identity(self.authenticator, request)

@@ -15,6 +15,7 @@ from plugin_host.errors import (
     NotImplementedByPlugin,
     PluginCallError,
     PluginError,
+    PluginInternalError,
     PluginNotFound,
     PluginTimeout,
     PluginUnavailable,
@@ -102,8 +103,22 @@ def status_response(error: StatusError) -> web.Response:
     )
 
 
+# gRPC codes that say the connection went away rather than that the plugin answered: the
+# client library reports a channel closed under a call as CANCELLED, which the bridge never
+# asks for on a call it still waits on (a caller that leaves gets no answer at all).
+_TRANSPORT_CODES = frozenset({"CANCELLED"})
+
+
 def from_plugin_error(error: PluginError) -> StatusError:
-    """Map the plugin host's exception tree onto HTTP codes."""
+    """Map the plugin host's exception tree onto HTTP codes, as kube-aggregator does.
+
+    A plugin that cannot be reached (not running, restarting, died mid-call, its connection
+    broke) is 503 with ``Retry-After``: the request may succeed once the supervisor has it back,
+    as kube-aggregator answers 503 when its backend is unreachable. 502 is kept for a plugin
+    that did answer, with an error or with something the bridge cannot pass on (a message over
+    the size limit). A URL naming a plugin id that is not installed (``/metrics/plugins/x``) is
+    404; a DataPlaneService whose plugin is not installed is refused earlier, with 503.
+    """
     if isinstance(error, PluginNotFound):
         return StatusError(404, str(error))
     if isinstance(error, PluginUnavailable):
@@ -112,8 +127,12 @@ def from_plugin_error(error: PluginError) -> StatusError:
         return StatusError(504, str(error))
     if isinstance(error, NotImplementedByPlugin):
         return StatusError(501, str(error))
-    if isinstance(error, MessageTooLarge):
-        return StatusError(502, str(error))
-    if isinstance(error, PluginCallError):
+    if isinstance(error, PluginInternalError) and error.grpc_code in _TRANSPORT_CODES:
+        return StatusError(
+            503,
+            f"plugin {error.plugin_id}: {error.method}: the connection to the plugin broke",
+            retry_after=1.0,
+        )
+    if isinstance(error, (MessageTooLarge, PluginCallError)):
         return StatusError(502, str(error))
     return StatusError(503, str(error), retry_after=1.0)

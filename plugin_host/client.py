@@ -94,7 +94,11 @@ def map_rpc_error(exc: grpc.aio.AioRpcError, *, plugin_id: str, method: str) -> 
     code = exc.code()
     details = exc.details() or code.name.lower()
     if code is grpc.StatusCode.UNAVAILABLE:
-        return PluginUnavailable(plugin_id, f"{method}: plugin is unreachable: {details}")
+        # gRPC's details name the socket path and the OS error: for the log, not for clients.
+        log.warning("plugin %s: %s: plugin is unreachable: %s", plugin_id, method, details)
+        return PluginUnavailable(
+            plugin_id, f"{method}: plugin is unreachable (its connection failed or broke)"
+        )
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return PluginTimeout(plugin_id, f"{method}: no answer before the deadline", method=method)
     if code is grpc.StatusCode.UNIMPLEMENTED:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bridge.apis import CONDITION_AVAILABLE, DataPlaneService, InvalidObject, find_condition
+from bridge.controllers.leader import Elector, SingleReplica
 from bridge.routing import RouteTable
 from bridge.storage import Conflict, NotFound, Store, StoreError
 from plugin_host.supervisor import PluginState, PluginStatus
@@ -23,9 +24,28 @@ AVAILABLE = CONDITION_AVAILABLE
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """What the condition says. ``message`` is the stable part, compared to decide whether
+    status must be written; ``detail`` (failure counts, the last error) changes from one look
+    to the next, so it is written along with a change but never causes one."""
+
     status: str  # "True" | "False" | "Unknown"
     reason: str
     message: str
+    detail: str = ""
+
+    @property
+    def text(self) -> str:
+        """The condition's message: the stable part, then the details in parentheses."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
+
+    def said_by(self, condition: Mapping[str, Any]) -> bool:
+        """Whether ``condition`` already says this, details aside."""
+        if (condition.get("status"), condition.get("reason")) != (self.status, self.reason):
+            return False
+        written = str(condition.get("message") or "")
+        return written == self.message or (
+            written.startswith(f"{self.message} (") and written.endswith(")")
+        )
 
 
 def judge(
@@ -55,7 +75,8 @@ def judge(
         return Verdict(
             "False",
             "Conflict",
-            f"{service.group}/{service.version} is already served by {table.conflicts[name]}",
+            f"{service.group}/{service.version} is already served by {table.conflicts[name]}; "
+            "manifests take precedence over stored objects",
         )
     plugin = plugins.get(service.plugin_id)
     if plugin is None:
@@ -70,13 +91,16 @@ def judge(
         return Verdict(
             "False",
             "CrashLooping",
-            f"plugin {service.plugin_id} is crash-looping after {plugin.consecutive_failures} "
-            f"failures in a row; last: {_one_line(plugin.last_error)}",
+            f"plugin {service.plugin_id} is crash-looping",
+            f"{plugin.consecutive_failures} failures in a row; last error: "
+            f"{_one_line(plugin.last_error)}",
         )
     if plugin.state is not PluginState.RUNNING:
-        detail = f"; last error: {_one_line(plugin.last_error)}" if plugin.last_error else ""
         return Verdict(
-            "False", "PluginNotRunning", f"plugin {service.plugin_id} is {plugin.state}{detail}"
+            "False",
+            "PluginNotRunning",
+            f"plugin {service.plugin_id} is {plugin.state}",
+            f"last error: {_one_line(plugin.last_error)}" if plugin.last_error else "",
         )
     if not healthy.get(service.plugin_id, True):
         return Verdict(
@@ -94,16 +118,13 @@ def _one_line(text: str | None) -> str:
 def with_condition(
     obj: Mapping[str, Any], verdict: Verdict, *, now: datetime
 ) -> dict[str, Any] | None:
-    """A copy of ``obj`` with the condition set, or None if it already says exactly that.
+    """A copy of ``obj`` with the condition set, or None if it already says that (status,
+    reason and the stable part of the message: new details alone are not worth a write).
 
     ``lastTransitionTime`` moves only when the status changes, as Kubernetes' helpers do.
     """
     old = find_condition(obj, AVAILABLE)
-    if old is not None and (old.get("status"), old.get("reason"), old.get("message")) == (
-        verdict.status,
-        verdict.reason,
-        verdict.message,
-    ):
+    if old is not None and verdict.said_by(old):
         return None
     changed_at = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     if old is not None and old.get("status") == verdict.status and old.get("lastTransitionTime"):
@@ -113,7 +134,7 @@ def with_condition(
         "status": verdict.status,
         "lastTransitionTime": changed_at,
         "reason": verdict.reason,
-        "message": verdict.message,
+        "message": verdict.text,
     }
     updated = copy.deepcopy(dict(obj))
     status = updated.setdefault("status", {}) or {}
@@ -125,7 +146,9 @@ def with_condition(
 
 class AvailabilityController:
     """Re-judges every object when plugins or objects change (and every ``resync`` seconds),
-    and writes status only where the verdict changed."""
+    and writes status only where the verdict changed — and only while ``leader`` says this
+    replica is the leader (bridge/controllers/leader.py). A follower still judges: its own
+    view is in :attr:`verdicts`, but the stored status is the leader's."""
 
     def __init__(
         self,
@@ -138,6 +161,7 @@ class AvailabilityController:
         ping: Callable[[str], Awaitable[bool]],
         parsed: Callable[[str], DataPlaneService | InvalidObject | None] = lambda _: None,
         resync: float = 10.0,
+        leader: Elector | None = None,
     ) -> None:
         self._store = store
         self._objects = objects
@@ -147,6 +171,9 @@ class AvailabilityController:
         self._ping = ping
         self._parsed = parsed
         self._resync = resync
+        self.leader: Elector = leader if leader is not None else SingleReplica()
+        self.leader.add_listener(self.poke)  # a new leader writes what it sees at once
+        self.verdicts: dict[str, Verdict] = {}  # this replica's own view, leader or not
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -156,6 +183,7 @@ class AvailabilityController:
 
     def start(self) -> None:
         if self._task is None:
+            self.leader.start()
             self._task = asyncio.create_task(self._run(), name="availability-controller")
 
     async def stop(self) -> None:
@@ -163,6 +191,7 @@ class AvailabilityController:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await self.leader.stop()  # before the store closes: the lease is given back
 
     async def _run(self) -> None:
         while True:
@@ -177,7 +206,8 @@ class AvailabilityController:
                 log.exception("availability controller failed; retrying at the next change")
 
     async def reconcile(self) -> int:
-        """Judge every object once; returns how many statuses were written."""
+        """Judge every object once; returns how many statuses were written (none unless
+        this replica leads)."""
         plugins = {p.plugin_id: p for p in self._plugins()}
         healthy: dict[str, bool] = {}
         for plugin_id, status in plugins.items():
@@ -186,8 +216,9 @@ class AvailabilityController:
         table = self._table()
         load_errors = self._load_errors()
         written = 0
-        for obj in list(self._objects().values()):
-            verdict = judge(
+        objects = list(self._objects().values())
+        self.verdicts = {
+            obj["metadata"]["name"]: judge(
                 obj,
                 table=table,
                 plugins=plugins,
@@ -195,6 +226,12 @@ class AvailabilityController:
                 healthy=healthy,
                 parsed=self._parsed(obj["metadata"]["name"]),
             )
+            for obj in objects
+        }
+        for obj in objects:
+            if not self.leader.is_leader:
+                break  # followers judge but never write
+            verdict = self.verdicts[obj["metadata"]["name"]]
             updated = with_condition(obj, verdict, now=datetime.now(UTC))
             if updated is None:
                 continue

@@ -122,6 +122,7 @@ class _Endpoint:
     channel: grpc.aio.Channel
     kv: Any
     watch: Any
+    lease: Any
 
 
 class _StreamBroken(Exception):
@@ -292,6 +293,69 @@ class EtcdStore:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    # -- leases (for leader election: bridge/controllers/leader.py) --------------------------
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix the objects live under."""
+        return self._prefix.decode()
+
+    async def grant_lease(self, ttl: int) -> tuple[int, int]:
+        """A new etcd lease of ``ttl`` seconds: its id and the TTL etcd granted."""
+        response = await self._call("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl), lease=True)
+        if response.error:
+            raise StoreError("", f"etcd refused a lease: {response.error}")
+        return int(response.ID), int(response.TTL)
+
+    async def keep_lease_alive(self, lease_id: int) -> int:
+        """Renew a lease once: the TTL it has again in seconds, 0 if it had already expired."""
+        index, endpoint = self._endpoint()
+        call = endpoint.lease.LeaseKeepAlive(timeout=self._request_timeout)
+        try:
+            await call.write(rpc.LeaseKeepAliveRequest(ID=lease_id))
+            response = await call.read()
+        except grpc.aio.UsageError as exc:
+            raise StoreError("", "the store is closed") from exc
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
+            if self._closed:
+                raise StoreError("", "the store is closed") from exc
+            details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "call ended"
+            message = f"etcd at {endpoint.target}: {details}"
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _GONE:
+                raise StoreError("", message) from exc
+            self._failed(index)
+            raise Unavailable("", message) from exc
+        finally:
+            call.cancel()
+        if response is _EOF:
+            self._failed(index)
+            raise Unavailable("", f"etcd at {endpoint.target} ended the lease keep-alive")
+        return max(0, int(response.TTL))
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        """End a lease now; etcd deletes the keys attached to it."""
+        await self._call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id), lease=True)
+
+    async def claim_key(self, key: str, value: bytes, lease_id: int) -> tuple[bool, bytes, int]:
+        """Put ``value`` at ``key`` (any key, not only under the prefix), attached to the lease,
+        unless the key exists. Whether it was put, and the value and lease id the key has now.
+        """
+        raw = key.encode()
+        request = rpc.TxnRequest(
+            compare=[_compare_created(raw, 0)],
+            success=[
+                rpc.RequestOp(request_put=rpc.PutRequest(key=raw, value=value, lease=lease_id))
+            ],
+            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=raw))],
+        )
+        response = await self._call("Txn", request, key)
+        if response.succeeded:
+            return True, value, lease_id
+        kvs = response.responses[0].response_range.kvs
+        if not kvs:
+            return False, b"", 0
+        return False, bytes(kvs[0].value), int(kvs[0].lease)
+
     # -- connection --------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -310,7 +374,13 @@ class EtcdStore:
                 channel = grpc.aio.secure_channel(
                     target, self._credentials, options=_CHANNEL_OPTIONS
                 )
-            endpoint = _Endpoint(target, channel, rpc.KVStub(channel), rpc.WatchStub(channel))
+            endpoint = _Endpoint(
+                target,
+                channel,
+                rpc.KVStub(channel),
+                rpc.WatchStub(channel),
+                rpc.LeaseStub(channel),
+            )
             self._endpoints[index] = endpoint
         return index, endpoint
 
@@ -319,8 +389,9 @@ class EtcdStore:
         if index == self._current:
             self._current = (index + 1) % len(self._targets)
 
-    async def _call(self, method: str, request: Any, name: str = "") -> Any:
-        """One KV call with a deadline; etcd's failures mapped onto the storage errors.
+    async def _call(self, method: str, request: Any, name: str = "", *, lease: bool = False) -> Any:
+        """One KV (or, with ``lease``, Lease) call with a deadline; etcd's failures mapped onto
+        the storage errors.
 
         A read that finds its endpoint down goes on to the next endpoint. A write does not:
         it may have been applied, so the caller gets ``Unavailable`` and decides.
@@ -330,7 +401,8 @@ class EtcdStore:
             attempts -= 1
             index, endpoint = self._endpoint()
             try:
-                return await getattr(endpoint.kv, method)(request, timeout=self._request_timeout)
+                stub = endpoint.lease if lease else endpoint.kv
+                return await getattr(stub, method)(request, timeout=self._request_timeout)
             except grpc.aio.UsageError as exc:  # the channel was closed under the call
                 raise StoreError(name, "the store is closed") from exc
             except grpc.aio.AioRpcError as exc:

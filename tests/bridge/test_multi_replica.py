@@ -3,14 +3,17 @@
 An object applied through either replica is served by both within a second; SIGKILL of one
 replica leaves the other serving (and leaves none of the dead one's plugins behind); etcd
 stopped and started again is survived by both, whose watches resume without losing events.
+Only the elected leader writes the ``Available`` condition, so replicas that judge a plugin
+differently do not fight over it, and a killed leader is replaced within its lease.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -198,3 +201,132 @@ async def test_etcd_restart_is_survived_and_no_event_is_lost(
             for group in groups:
                 await serves_within(bridge, session, group, PROPAGATION_LIMIT)
             await unmounted_within(bridge, session, before, PROPAGATION_LIMIT)
+
+
+# -- leader election: one status writer -------------------------------------------------------
+
+RESYNC = 1.0  # availability_resync of the election tests' replicas
+LEASE = 3.0  # leader_lease_duration (seconds): short, so a takeover fits in a test
+RETRY = 0.5  # leader_retry_period
+ELECTED_NAME = "v0alpha1.elected.replicas.grafana.app"
+
+
+def leader_and_plugin_less_replica(tmp: Path, etcd: EtcdServer) -> list[BridgeProcess]:
+    """Replica a runs the fixture plugins; replica b has none, so it judges every object
+    ``PluginNotFound`` where a judges ``Passed``."""
+    prefix = f"/registry/election-{uuid.uuid4().hex[:8]}/dataplaneservices/"
+    storage = {
+        "backend": "etcd",
+        "etcd": {"endpoints": [etcd.endpoint], "prefix": prefix, "request_timeout": 2},
+    }
+    dataplane = {
+        "availability_resync": RESYNC,
+        "leader_lease_duration": LEASE,
+        "leader_retry_period": RETRY,
+    }
+    empty = tmp / "no-plugins"
+    empty.mkdir()
+    bridges = []
+    for name, plugins in (("a", None), ("b", {"directories": [str(empty)]})):
+        port = free_port()
+        config = write_bridge_config(
+            tmp / name, port, storage=storage, plugins=plugins, dataplane=dataplane
+        )
+        bridges.append(BridgeProcess(config, port=port))
+    return bridges
+
+
+async def leads(bridge: BridgeProcess, session: aiohttp.ClientSession) -> bool:
+    """What the replica's ``grafana_bridge_leader`` gauge says."""
+    status, text = await bridge.request(session, "GET", "/metrics")
+    assert status == 200, text
+    found = re.search(r"^grafana_bridge_leader (\S+)$", text, re.MULTILINE)
+    assert found is not None, "no grafana_bridge_leader gauge"
+    return float(found.group(1)) == 1.0
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], limit: float) -> float:
+    """Seconds until ``predicate()`` comes true; fails after ``limit`` seconds."""
+    started = time.monotonic()
+    while not await predicate():
+        assert time.monotonic() - started < limit, f"not within {limit}s"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - started
+
+
+async def availability(
+    bridge: BridgeProcess, session: aiohttp.ClientSession
+) -> tuple[str, dict[str, object]]:
+    """The object's resourceVersion and its ``Available`` condition ({} when it has none)."""
+    status, body = await bridge.request(session, "GET", f"{DPS_PATH}/{ELECTED_NAME}")
+    assert status == 200, body
+    conditions = (body.get("status") or {}).get("conditions") or []
+    found = [c for c in conditions if c.get("type") == "Available"]
+    return body["metadata"]["resourceVersion"], (found[0] if found else {})
+
+
+async def start_leader_then_follower(
+    tmp: Path, etcd: EtcdServer, session: aiohttp.ClientSession, into: list[BridgeProcess]
+) -> tuple[BridgeProcess, BridgeProcess]:
+    """Replica a leads (it starts first and wins the lease), b follows; one object exists."""
+    a, b = leader_and_plugin_less_replica(tmp, etcd)
+    into += [a, b]
+    a.start()
+    await a.wait_ready(session)
+    await until(lambda: leads(a, session), LEASE + 5)
+    b.start()
+    await b.wait_ready(session)
+    status, body = await b.request(
+        session, "POST", DPS_PATH, json=dataplaneservice("elected.replicas.grafana.app")
+    )
+    assert status == 201, body
+
+    async def passed() -> bool:
+        return (await availability(a, session))[1].get("reason") == "Passed"
+
+    await until(passed, 10)
+    return a, b
+
+
+async def test_only_the_leader_writes_status_so_it_stays_put(
+    tmp_path: Path, etcd: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    with running_bridges() as bridges:
+        a, b = await start_leader_then_follower(tmp_path, etcd, session, bridges)
+        assert await leads(a, session) and not await leads(b, session)
+        # Over three resync periods both replicas re-judge the object (b sees no plugin), yet
+        # only the leader writes: nothing changes, through either replica.
+        seen = set()
+        deadline = time.monotonic() + 3 * RESYNC + 0.5
+        while time.monotonic() < deadline:
+            for bridge in (a, b):
+                version, condition = await availability(bridge, session)
+                seen.add((version, condition["status"], condition["reason"]))
+            await asyncio.sleep(0.1)
+        [(version, status, reason)] = seen
+        assert (status, reason) == ("True", "Passed")  # the leader's verdict, not b's
+        assert "PluginNotFound" not in b.log and "no longer the leader" not in a.log
+
+
+async def test_when_the_leader_is_killed_the_follower_takes_over_within_the_lease(
+    tmp_path: Path, etcd: EtcdServer, session: aiohttp.ClientSession
+) -> None:
+    with running_bridges() as bridges:
+        a, b = await start_leader_then_follower(tmp_path, etcd, session, bridges)
+        a.kill()
+        killed = time.monotonic()
+
+        async def b_wrote_its_verdict() -> bool:
+            return (await availability(b, session))[1].get("reason") == "PluginNotFound"
+
+        # The lease lapses within its TTL; b tries every retry period, then writes at once.
+        await until(b_wrote_its_verdict, LEASE + RETRY + 2.0)
+        took = time.monotonic() - killed
+        assert took <= LEASE + RETRY + 2.0
+        assert await leads(b, session)
+        version, condition = await availability(b, session)
+        assert condition["status"] == "False"
+        assert "holds" in b.log and "now holds" in b.log
+        # And it stays put from then on.
+        await asyncio.sleep(2 * RESYNC)
+        assert await availability(b, session) == (version, condition)

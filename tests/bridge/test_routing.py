@@ -179,7 +179,7 @@ def test_conflicts_are_resolved_by_name_and_reported() -> None:
     table = RouteTable.build([b, a])
     assert len(table) == 1
     # Names are equal here, so the sort is stable on input order: the first given wins.
-    assert table.conflicts == {"v1.same.grafana.app": "v1.same.grafana.app"}
+    assert table.conflicts == {"v1.same.grafana.app": "stored object v1.same.grafana.app"}
 
 
 def test_lookup_cost_does_not_grow_with_the_table() -> None:

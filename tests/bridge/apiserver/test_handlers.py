@@ -100,6 +100,14 @@ def _causes(*fields: str) -> Check:
     return check
 
 
+def _reasons(*expected: tuple[str, str]) -> Check:
+    def check(body: dict[str, Any], objects: Objects) -> None:
+        assert [(c["field"], c["reason"]) for c in body["details"]["causes"]] == list(expected)
+        assert NAME not in objects
+
+    return check
+
+
 def _check_name(body: dict[str, Any], objects: Objects) -> None:
     assert body["metadata"]["name"] == NAME
     assert body["kind"] == "DataPlaneService"
@@ -200,6 +208,21 @@ ROWS = {
         reason="Invalid",
         message=f'DataPlaneService.aggregation.grafana.app "{NAME}" is invalid: '
         "spec.pluginID: Required value",
+    ),
+    "create-service-without-type-is-a-required-value": Row(
+        "POST",
+        BASE,
+        body=_with(
+            SEEDED, spec__services=[{"method": "GET"}, {"type": "query", "method": "FETCH"}]
+        ),
+        code=422,
+        reason="Invalid",
+        message="[spec.services[0].type: Required value, spec.services[1].method: "
+        'Unsupported value: "FETCH": supported values: "DELETE", "GET", ',
+        check=_reasons(
+            ("spec.services[0].type", "FieldValueRequired"),
+            ("spec.services[1].method", "FieldValueNotSupported"),
+        ),
     ),
     "create-own-group-422": Row(
         "POST",

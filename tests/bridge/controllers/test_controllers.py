@@ -217,6 +217,92 @@ async def test_availability_controller_writes_status_to_the_store() -> None:
     await store.close()
 
 
+def test_new_failure_counts_and_errors_alone_do_not_rewrite_the_condition() -> None:
+    def crash_loop(failures: int, error: str) -> dict[str, PluginStatus]:
+        return {
+            "p": status(PluginState.CRASH_LOOP, consecutive_failures=failures, last_error=error)
+        }
+
+    def verdict_for(current: dict[str, Any], plugins: dict[str, PluginStatus]) -> Any:
+        return judge(current, table=RouteTable(), plugins=plugins, load_errors={}, healthy={})
+
+    t1 = datetime(2026, 1, 1, tzinfo=UTC)
+    first = with_condition(
+        obj("v1.a.example"), verdict_for(obj("v1.a.example"), crash_loop(5, "exit 3")), now=t1
+    )
+    assert first is not None
+    [written] = first["status"]["conditions"]
+    # The details are in the message...
+    assert written["reason"] == "CrashLooping"
+    assert written["message"] == (
+        "plugin p is crash-looping (5 failures in a row; last error: exit 3)"
+    )
+    # ...but a higher count or another last error is no reason to write again.
+    later = verdict_for(first, crash_loop(9, "exit 7\nmore"))
+    assert later.detail == "9 failures in a row; last error: exit 7"
+    assert with_condition(first, later, now=datetime(2026, 1, 2, tzinfo=UTC)) is None
+    # Same for a plugin that is not running, whose last error changes.
+    backing_off = {"p": status(PluginState.BACKING_OFF, last_error="exit 1")}
+    second = with_condition(first, verdict_for(first, backing_off), now=t1)
+    assert second is not None
+    assert second["status"]["conditions"][0]["message"].endswith("(last error: exit 1)")
+    other_error = {"p": status(PluginState.BACKING_OFF, last_error="exit 2")}
+    assert with_condition(second, verdict_for(second, other_error), now=t1) is None
+    # A different stable message (another state) is a change, and it carries new details.
+    starting = {"p": status(PluginState.STARTING, last_error="exit 2")}
+    third = with_condition(second, verdict_for(second, starting), now=t1)
+    assert third is not None
+    assert third["status"]["conditions"][0]["message"].endswith("(last error: exit 2)")
+
+
+class FollowingElector:
+    """A replica that is not the leader (the real elections run in test_leader.py)."""
+
+    identity = "elsewhere"
+    is_leader = False
+
+    def __init__(self) -> None:
+        self.listeners: list[Any] = []
+
+    def add_listener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_follower_judges_but_never_writes_until_it_leads() -> None:
+    store = MemoryStore()
+    created = await store.create(obj("v1.a.example"))
+
+    async def ping(plugin_id: str) -> bool:
+        return True
+
+    elector = FollowingElector()
+    controller = AvailabilityController(
+        store,
+        objects=lambda: {"v1.a.example": created},
+        table=RouteTable,
+        plugins=lambda: [status(PluginState.RUNNING)],
+        load_errors=dict,
+        ping=ping,
+        leader=elector,
+    )
+    assert await controller.reconcile() == 0
+    assert controller.verdicts["v1.a.example"].reason == "Passed"  # its own view
+    assert "status" not in await store.get("v1.a.example")
+    # Leadership arrives: the controller is poked and writes what it sees.
+    assert elector.listeners == [controller.poke]
+    elector.is_leader = True
+    assert await controller.reconcile() == 1
+    stored = await store.get("v1.a.example")
+    assert stored["status"]["conditions"][0]["reason"] == "Passed"
+    await store.close()
+
+
 async def test_auto_registration_creates_refreshes_and_respects_users() -> None:
     store = MemoryStore()
     served = frozenset({"pluginv2.Data", "pluginv2.Resource", "pluginv2.Diagnostics"})

@@ -1,0 +1,247 @@
+"""Auto-registration: the derived service list, the ledger that makes deletes stick, and the
+winner rule of a manifest against a stored object (on real SQLite files and a real etcd)."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from pathlib import Path
+
+import yaml
+
+from bridge.apis import DataPlaneService
+from bridge.controllers.autoregister import (
+    DECLINED,
+    MANAGED_BY,
+    PRESENT,
+    SPEC_HASH,
+    Candidate,
+    auto_register,
+    declined,
+    derived_object,
+    ledger_prefix,
+    make_ledger,
+    service_types,
+)
+from bridge.controllers.availability import judge
+from bridge.manifests import ManifestService, load_manifests
+from bridge.routing import RouteTable
+from bridge.storage import StorageSettings, Store
+from bridge.storage.etcd import EtcdStore
+from bridge.storage.memory import MemoryStore
+from bridge.storage.sqlite import SQLiteStore
+from plugin_host.plugin_json import parse_plugin_json
+from tests.bridge.storage.conftest import running_etcd
+from tests.conftest import FIXTURE_PLUGINS
+
+NAME = "v0alpha1.acme-x-datasource.grafana.app"
+REFLECTED = frozenset({"pluginv2.Data", "pluginv2.Resource", "pluginv2.Diagnostics"})
+
+
+def types_of(candidate: Candidate) -> list[str]:
+    return [str(t) for t in service_types(candidate)]
+
+
+def test_service_list_follows_reflection_then_plugin_json() -> None:
+    # Reflection is the plugin's own word: streaming in plugin.json adds nothing it lacks.
+    assert types_of(Candidate("a-b-datasource", "datasource", REFLECTED, streaming=True)) == [
+        "query",
+        "route",
+    ]
+    everything = REFLECTED | {
+        "pluginv2.Stream",
+        "pluginv2.AdmissionControl",
+        "pluginv2.ResourceConversion",
+    }
+    assert types_of(Candidate("a-b-app", "app", everything)) == [
+        "query",
+        "route",
+        "stream",
+        "admission",
+        "conversion",
+    ]
+    # Without reflection: query and route for any backend plugin, stream when it streams.
+    assert types_of(Candidate("a-b-datasource", "datasource", None)) == ["query", "route"]
+    assert types_of(Candidate("a-b-datasource", "datasource", None, streaming=True)) == [
+        "query",
+        "route",
+        "stream",
+    ]
+    # Data source proxy routes in plugin.json: datasource-proxy, for data sources only.
+    assert types_of(Candidate("a-b-datasource", "datasource", None, routes=True)) == [
+        "query",
+        "route",
+        "datasource-proxy",
+    ]
+    assert types_of(Candidate("a-b-app", "app", None, routes=True)) == ["query", "route"]
+
+
+def test_the_bundled_fixtures_plugin_json_decide_without_reflection() -> None:
+    go = parse_plugin_json((FIXTURE_PLUGINS / "go-datasource" / "plugin.json").read_bytes())
+    py = parse_plugin_json((FIXTURE_PLUGINS / "python-datasource" / "plugin.json").read_bytes())
+    assert types_of(Candidate.of(go, None)) == ["query", "route", "stream"]
+    assert types_of(Candidate.of(py, None)) == ["query", "route", "stream", "datasource-proxy"]
+    obj = derived_object(Candidate.of(go, None))
+    # What is derived is a valid object.
+    assert (
+        DataPlaneService.from_object(obj).name == "v0alpha1.bridge-gofixture-datasource.grafana.app"
+    )
+
+
+async def states(ledger: Store) -> dict[str, str]:
+    records, _ = await ledger.list()
+    return {r["metadata"]["name"]: r["spec"]["state"] for r in records}
+
+
+async def delete_sticks(store: Store, ledger: Store) -> None:
+    plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+    assert await auto_register(store, [plugin], ledger=ledger) == [NAME]
+    assert await states(ledger) == {NAME: PRESENT}
+    # The ledger is not part of the DataPlaneServices.
+    assert [o["metadata"]["name"] for o in (await store.list())[0]] == [NAME]
+
+    await store.delete(NAME)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert (await store.list())[0] == []
+    assert await states(ledger) == {NAME: DECLINED}
+    assert await declined(ledger) == [NAME]
+    assert await auto_register(store, [plugin], ledger=ledger) == []  # and stays so
+
+    # Re-created by hand: served again, and the user's.
+    mine = derived_object(plugin)
+    del mine["metadata"]["annotations"]
+    mine["spec"]["services"] = [{"type": "query"}]
+    await store.create(mine)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert (await store.get(NAME))["spec"]["services"] == [{"type": "query"}]
+    assert await states(ledger) == {NAME: PRESENT}
+
+    # Handed back: the managed-by annotation without a hash; adopted and refreshed.
+    current = await store.get(NAME)
+    handed = copy.deepcopy(current)
+    handed["metadata"]["annotations"] = {MANAGED_BY: "auto-registration"}
+    await store.update(handed, expected_version=int(current["metadata"]["resourceVersion"]))
+    assert await auto_register(store, [plugin], ledger=ledger) == [NAME]
+    adopted = await store.get(NAME)
+    assert [s["type"] for s in adopted["spec"]["services"]] == ["query", "route"]
+    assert adopted["metadata"]["annotations"][SPEC_HASH]
+    assert await states(ledger) == {NAME: PRESENT}
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+
+
+async def test_a_delete_sticks_in_memory() -> None:
+    store, ledger = MemoryStore(), MemoryStore()
+    await delete_sticks(store, ledger)
+    await store.close()
+    await ledger.close()
+
+
+async def test_a_delete_sticks_in_sqlite_across_reopening(tmp_path: Path) -> None:
+    settings = StorageSettings(backend="sqlite", sqlite_path=tmp_path / "bridge.db")
+    store = SQLiteStore(settings.sqlite_path)
+    ledger = make_ledger(settings)
+    assert isinstance(ledger, SQLiteStore) and ledger.path == store.path
+    await delete_sticks(store, ledger)
+    await store.delete(NAME)
+    await store.close()
+    await ledger.close()
+    # A bridge started again on the same file: the record is still there.
+    store = SQLiteStore(settings.sqlite_path)
+    ledger = make_ledger(settings)
+    plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert await states(ledger) == {NAME: DECLINED}
+    assert (await store.list())[0] == []
+    await store.close()
+    await ledger.close()
+
+
+async def test_a_delete_sticks_on_etcd_for_every_replica() -> None:
+    prefix = f"/registry/t-{uuid.uuid4().hex[:8]}/dataplaneservices/"
+    with running_etcd() as etcd:
+        settings = StorageSettings(
+            backend="etcd", etcd={"endpoints": [etcd.endpoint], "prefix": prefix}
+        )
+        store = EtcdStore.from_settings(settings.etcd)
+        ledger = make_ledger(settings)
+        assert isinstance(ledger, EtcdStore)
+        assert ledger.prefix == prefix.replace("/dataplaneservices/", "/autoregistrations/")
+        try:
+            await delete_sticks(store, ledger)
+            await store.delete(NAME)
+            # Another replica's ledger: its own client, the same records.
+            other = make_ledger(settings)
+            plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+            assert await auto_register(store, [plugin], ledger=other) == []
+            assert await states(other) == {NAME: DECLINED}
+            await other.close()
+        finally:
+            await store.close()
+            await ledger.close()
+
+
+async def test_objects_registered_before_the_ledger_get_a_record() -> None:
+    store, ledger = MemoryStore(), MemoryStore()
+    plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+    # Written without a ledger (an older bridge, or one that died between the two writes).
+    assert await auto_register(store, [plugin]) == [NAME]
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert await states(ledger) == {NAME: PRESENT}
+    await store.delete(NAME)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert await states(ledger) == {NAME: DECLINED}
+
+
+async def test_deleting_a_users_own_object_of_that_name_sticks_too() -> None:
+    store, ledger = MemoryStore(), MemoryStore()
+    plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+    mine = derived_object(plugin)
+    del mine["metadata"]["annotations"]
+    await store.create(mine)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    await store.delete(NAME)
+    assert await auto_register(store, [plugin], ledger=ledger) == []
+    assert (await store.list())[0] == []
+    assert await states(ledger) == {NAME: DECLINED}
+
+
+def test_ledger_prefix_is_beside_the_objects_never_under_them() -> None:
+    default = "/registry/aggregation.grafana.app/dataplaneservices/"
+    assert ledger_prefix(default) == "/registry/aggregation.grafana.app/autoregistrations/"
+    assert ledger_prefix("/bridge/objects/") == "/bridge/objects-autoregistrations/"
+    assert ledger_prefix("/x/") == "/x-autoregistrations/"
+    for prefix in (default, "/bridge/objects/", "/x/"):
+        assert not ledger_prefix(prefix).startswith(prefix)
+
+
+def write_manifest(directory: Path, plugin_id: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "same.yaml"
+    obj = derived_object(Candidate(plugin_id, "datasource", REFLECTED))
+    path.write_text(yaml.safe_dump(obj))
+    return path
+
+
+def test_a_manifest_holds_its_mount_against_a_stored_object(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "manifests", "acme-x-datasource")
+    manifests = load_manifests([tmp_path / "manifests"])
+    assert manifests.problems == ()
+    [from_file] = manifests.services
+    assert isinstance(from_file, ManifestService) and from_file.source == path
+    stored_obj = derived_object(Candidate("acme-other-datasource", "datasource", REFLECTED))
+    stored_obj["metadata"]["name"] = from_file.name
+    stored_obj["spec"]["group"] = from_file.group
+    stored = DataPlaneService.from_object(stored_obj)
+    for order in ([stored, from_file], [from_file, stored]):
+        table = RouteTable.build(order)
+        mount = table.mounts[(from_file.group, from_file.version)]
+        assert mount.service.plugin_id == "acme-x-datasource"
+        assert mount.origin == f"manifest {path}"
+        assert table.conflicts == {from_file.name: f"manifest {path}"}
+    verdict = judge(stored_obj, table=table, plugins={}, load_errors={}, healthy={})
+    assert (verdict.status, verdict.reason) == ("False", "Conflict")
+    assert f"is already served by manifest {path}" in verdict.message
+    # Alone, a stored object's mount says so.
+    assert RouteTable.build([stored]).mounts[(stored.group, stored.version)].origin == (
+        f"stored object {stored.name}"
+    )
