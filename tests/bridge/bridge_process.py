@@ -54,12 +54,20 @@ def write_bridge_config(
     auth_users: dict[str, Any] | None = None,
     plugins: dict[str, Any] | None = None,
     dataplane: dict[str, Any] | None = None,
+    tokens: dict[str, str] | None = None,
 ) -> Path:
-    """A bridge config like examples/quickstart.yaml: the fixture plugins, a token file."""
+    """A bridge config like examples/quickstart.yaml: the fixture plugins, a token file.
+
+    The token file holds ``ADMIN_TOKEN`` for ``admin``, plus ``tokens`` (token → login).
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    tokens = directory / "tokens.csv"
-    tokens.write_text(f'{ADMIN_TOKEN},admin,1001,"admins"\n')
-    tokens.chmod(0o600)
+    lines = [f'{ADMIN_TOKEN},admin,1001,"admins"']
+    lines += [
+        f"{token},{login},{2001 + i}" for i, (token, login) in enumerate((tokens or {}).items())
+    ]
+    tokens_file = directory / "tokens.csv"
+    tokens_file.write_text("\n".join(lines) + "\n")
+    tokens_file.chmod(0o600)
     datasources = directory / "provisioning" / "datasources"
     datasources.mkdir(parents=True, exist_ok=True)
     (datasources / "fixtures.yaml").write_text(
@@ -87,7 +95,7 @@ def write_bridge_config(
         "storage": storage,
         "auth": {
             "mode": "token",
-            "token_file": str(tokens),
+            "token_file": str(tokens_file),
             "users": auth_users or {"admin": {"org_id": 1, "role": "Admin"}},
         },
         "logging": {"level": "info"},
@@ -233,8 +241,10 @@ async def spawn_serve(
     config: Path, *, cwd: Path, log_path: Path, env: dict[str, str]
 ) -> tuple[asyncio.subprocess.Process, str]:
     """``grafana-bridge serve -c config`` as an asyncio subprocess in ``cwd``, its output to
-    ``log_path``; the process and its base URL (from the config's ``server.listen``)."""
-    listen = yaml.safe_load(config.read_text())["server"]["listen"]
+    ``log_path``; the process and its base URL (from the config's ``server.listen``, https
+    when ``server.tls_cert`` is set)."""
+    server = yaml.safe_load(config.read_text())["server"]
+    listen, scheme = server["listen"], "https" if server.get("tls_cert") else "http"
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
             str(GRAFANA_BRIDGE),
@@ -247,4 +257,4 @@ async def spawn_serve(
             stdout=log_file,
             stderr=log_file,
         )
-    return process, f"http://{listen}"
+    return process, f"{scheme}://{listen}"

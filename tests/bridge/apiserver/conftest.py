@@ -8,7 +8,6 @@ its delegate's). Callers are told apart by bearer token (``TOKENS``).
 from __future__ import annotations
 
 import copy
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -123,15 +122,14 @@ async def serving(
     app: web.Application,
     *,
     handler_cancellation: bool = True,
-    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[str]:
     """``app`` on a loopback port, as ``grafana-bridge serve`` runs it; yields its URL."""
     runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context)
+    site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:
-        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
