@@ -57,9 +57,11 @@ UNCOUNTED = frozenset({Endpoint.STREAM, Endpoint.PROXY})
 # is left out on purpose: it is one missed go-plugin health ping, sampled every
 # dataplane.availability_resync seconds, while the process is still running and may well
 # answer; a plugin that keeps failing is restarted by its supervisor (then PluginNotRunning).
-# Conflict and Invalid never get here: such objects are not in the route table. The datasource
+# The matched service holds its mount, so it is judged without the table's conflicts;
+# Invalid objects are never mounted. The datasource
 # proxy is not gated: it never calls the plugin process, and refuses by itself (503) when the
 # plugin's plugin.json, which holds its routes, is not loaded.
+_NO_CONFLICTS = RouteTable()
 REFUSING_REASONS = frozenset({"PluginNotFound", "CrashLooping", "PluginNotRunning"})
 
 HANDLERS: Mapping[Endpoint, Handler] = {
@@ -175,6 +177,9 @@ class Bridge:
     def _manifests_changed(self, manifests: ManifestSet) -> None:
         self._manifest_services = list(manifests.services)
         self.set_services(self._manifest_services + self._stored_services)
+        # A manifest can win or give back a stored object's group/version: its Conflict
+        # condition changes now, not at the next resync.
+        self.availability.poke()
 
     def _stored_changed(self, services: list[DataPlaneService]) -> RouteTable:
         self._stored_services = services
@@ -271,7 +276,8 @@ class Bridge:
         status = registry.status(service.plugin_id) if service.plugin_id in registry else None
         verdict = judge(
             {"metadata": {"name": service.name}},
-            table=self.routes,
+            # The matched service holds its mount, whatever else claimed the group/version.
+            table=_NO_CONFLICTS,
             plugins={} if status is None else {service.plugin_id: status},
             load_errors=self._load_errors() if status is None else {},
             healthy={},
@@ -285,15 +291,17 @@ class Bridge:
             retry_after = max(1.0, status.next_start_at - time.time())
         else:
             retry_after = 1.0
+        # The stable part of the condition only: the full text (last error, stderr line,
+        # socket path) is in the object's status and the log, not in answers to any caller.
         raise StatusError(
             503,
-            f"{service.name} is not available ({verdict.reason}): {verdict.text}",
+            f"{service.name} is not available ({verdict.reason}): {verdict.message}",
             retry_after=retry_after,
             details={
                 "name": service.name,
                 "group": GROUP,
                 "kind": RESOURCE,
-                "causes": [{"reason": verdict.reason, "message": verdict.text}],
+                "causes": [{"reason": verdict.reason, "message": verdict.message}],
             },
         )
 

@@ -130,7 +130,8 @@ def from_plugin_error(error: PluginError) -> StatusError:
     if isinstance(error, PluginInternalError) and error.grpc_code in _TRANSPORT_CODES:
         return StatusError(
             503,
-            f"plugin {error.plugin_id}: {error.method}: the connection to the plugin broke",
+            f"plugin {error.plugin_id}: {error.method}: the call was cancelled before the plugin "
+            "answered (its connection closed or broke)",
             retry_after=1.0,
         )
     if isinstance(error, (MessageTooLarge, PluginCallError)):

@@ -80,12 +80,14 @@ def judge(
         )
     plugin = plugins.get(service.plugin_id)
     if plugin is None:
+        # Why it did not load (a file's path, a parse error) is detail: written to the status,
+        # never put in an answer to a caller.
         why = load_errors.get(service.plugin_id)
-        detail = (
-            f": {why}" if why else " (no plugin with that id was found in the plugin directories)"
-        )
         return Verdict(
-            "False", "PluginNotFound", f"plugin {service.plugin_id} is not loaded{detail}"
+            "False",
+            "PluginNotFound",
+            f"plugin {service.plugin_id} is not loaded",
+            why or "no plugin with that id was found in the plugin directories",
         )
     if plugin.state is PluginState.CRASH_LOOP:
         return Verdict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,15 @@ async def condition(
     raise AssertionError(f"{NAME} never became {status}/{reason}: {obj}\n{bridge.log}")
 
 
-async def test_the_manifest_holds_the_mount_and_the_stored_object_names_it(
-    tmp_path: Path, session: aiohttp.ClientSession
-) -> None:
+@asynccontextmanager
+async def bridge_with_manifest(
+    tmp_path: Path, session: aiohttp.ClientSession, plugin_id: str
+) -> AsyncIterator[tuple[BridgeProcess, Path]]:
+    """A real bridge on SQLite whose manifest directory mounts GROUP for ``plugin_id``."""
     manifests = tmp_path / "manifests"
     manifests.mkdir()
     manifest = manifests / "conflict.yaml"
-    manifest.write_text(
-        yaml.safe_dump(dataplane_service(PY_FIXTURE_ID, GROUP, services=QUERY_ONLY))
-    )
+    manifest.write_text(yaml.safe_dump(dataplane_service(plugin_id, GROUP, services=QUERY_ONLY)))
     port = free_port()
     config = write_bridge_config(
         tmp_path,
@@ -92,7 +93,13 @@ async def test_the_manifest_holds_the_mount_and_the_stored_object_names_it(
         bridges.append(bridge)
         bridge.start()
         await bridge.wait_ready(session)
+        yield bridge, manifest
 
+
+async def test_the_manifest_holds_the_mount_and_the_stored_object_names_it(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    async with bridge_with_manifest(tmp_path, session, PY_FIXTURE_ID) as (bridge, manifest):
         # Served by the manifest's plugin (the Python fixture) before and after the create.
         code, answer = await query(bridge, session, "pyfixture")
         assert code == 200, answer
@@ -140,3 +147,20 @@ async def test_the_manifest_holds_the_mount_and_the_stored_object_names_it(
                 break
             await asyncio.sleep(0.1)
         assert code == 200, answer
+
+
+async def test_a_manifest_whose_plugin_is_missing_is_refused_with_503_despite_its_twin(
+    tmp_path: Path, session: aiohttp.ClientSession
+) -> None:
+    """The mount's holder is judged on its own plugin, not as the loser of the conflict."""
+    missing = "missing-conflict-datasource"
+    async with bridge_with_manifest(tmp_path, session, missing) as (bridge, _):
+        stored = dataplane_service(GO_FIXTURE_ID, GROUP, services=QUERY_ONLY)
+        code, answer = await bridge.request(session, "POST", DPS_PATH, json=stored)
+        assert code == 201, answer
+        await condition(bridge, session, "False", "Conflict")
+        code, answer = await query(bridge, session, "gofixture")
+        assert code == 503, answer
+        assert answer["reason"] == "ServiceUnavailable", answer
+        assert "(PluginNotFound)" in answer["message"], answer
+        assert f"plugin {missing} is not loaded" in answer["message"], answer

@@ -65,4 +65,7 @@ def test_a_broken_channel_does_not_echo_grpc_internals() -> None:
         P, "Locally cancelled by application!", method="CallResource", grpc_code="CANCELLED"
     )
     status = from_plugin_error(error)
-    assert status.message == f"plugin {P}: CallResource: the connection to the plugin broke"
+    assert status.message == (
+        f"plugin {P}: CallResource: the call was cancelled before the plugin answered "
+        "(its connection closed or broke)"
+    )
