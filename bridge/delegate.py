@@ -51,6 +51,7 @@ _FORWARDED: Final = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwar
 _NO_AUTO_HEADERS: Final = (hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.CONTENT_TYPE)
 # The codings aiohttp's server decodes by itself (http_parser: single token, exact match).
 _SERVER_DECODED: Final = frozenset({"gzip", "deflate", "br", "zstd"})
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
@@ -351,6 +352,10 @@ class Delegate:
             autoping=False,
             timeout=_WS_CLOSE_TIMEOUT,
             max_msg_size=self._ws_max_msg_size,
+            # No permessage-deflate on either leg (ws_connect offers none by default): aiohttp
+            # measures a compressed message's size differently (one byte looser), and the relay
+            # gains nothing from inflating and deflating again.
+            compress=False,
         )
         try:
             await client.prepare(request)
@@ -517,13 +522,30 @@ class Delegate:
             # Grafana answered, but not with a TLS session the bridge accepts: retrying will not
             # help until someone fixes a certificate or delegate.ca_file.
             return StatusError(502, f"the TLS handshake with the Grafana delegate failed {suffix}")
-        if isinstance(exc, (aiohttp.ClientConnectionError, OSError)):
-            # Refused, reset or closed before any answer, or the name did not resolve: Grafana
-            # is down or restarting. kube-aggregator answers 503 for an unreachable backend too.
+        not_sent = isinstance(exc, aiohttp.ClientConnectorError) or (
+            isinstance(exc, OSError) and not isinstance(exc, aiohttp.ClientError)
+        )
+        if not_sent:
+            # Refused, or the name did not resolve: nothing reached Grafana, which is down or
+            # restarting. kube-aggregator answers 503 for an unreachable backend too.
             return StatusError(
                 503,
                 f"the Grafana delegate could not be reached {suffix}",
                 retry_after=_UNREACHABLE_RETRY_AFTER,
+            )
+        if isinstance(exc, aiohttp.ClientConnectionError):
+            # Reset or closed after the request went out, before any answer. Grafana may have
+            # acted on it: only a request that is safe to repeat (RFC 9110 §9.2.2) is told to
+            # come back; for the others the client must find out what happened.
+            method = request.method if request is not None else "GET"
+            if method in _IDEMPOTENT:
+                return StatusError(
+                    503,
+                    f"the connection to the Grafana delegate broke before it answered {suffix}",
+                    retry_after=_UNREACHABLE_RETRY_AFTER,
+                )
+            return StatusError(
+                502, f"the connection to the Grafana delegate broke before it answered {suffix}"
             )
         return StatusError(502, f"the Grafana delegate sent an invalid response {suffix}")
 

@@ -5,8 +5,8 @@ plugins) within one org. The first subscriber starts the plugin's ``RunStream``;
 to leave cancels it. If the stream fails while subscribers remain it is started again with
 exponential backoff and a freshly built PluginContext, as Grafana Live does.
 
-One plugin has at most ``streams.max_channels_per_plugin`` channels open at once, so a caller
-cannot open a RunStream per path without bound.
+One plugin has at most ``streams.max_channels_per_plugin`` RunStream calls at once (a cancelled
+one counts until it has ended), so a caller cannot open a RunStream per path without bound.
 
 Every subscriber has a bounded buffer of its own, filled without waiting: a slow subscriber
 loses its oldest messages (or is disconnected, by ``streams.overflow``) and never slows the
@@ -219,7 +219,7 @@ class StreamHub:
         self._client = client
         self._metrics = metrics
         self._channels: dict[StreamKey, _Channel] = {}
-        self._per_plugin: dict[str, int] = {}  # channels in self._channels, by plugin
+        self._per_plugin: dict[str, int] = {}  # RunStream tasks not yet ended, by plugin
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         registry = metrics.registry
@@ -293,6 +293,11 @@ class StreamHub:
             channel.task = asyncio.create_task(self._run(channel), name=f"stream {key.channel}")
             self._tasks.add(channel.task)
             channel.task.add_done_callback(self._tasks.discard)
+            # The slot is the RunStream's, so it is given back when the task has ended, not
+            # when the channel leaves the table: a cancelled call may still be winding down on
+            # the plugin, and a new channel must not start beside it over the limit.
+            plugin_id = key.plugin_id
+            channel.task.add_done_callback(lambda _: self._release(plugin_id))
         return subscriber
 
     def leave(self, subscriber: Subscriber) -> None:
@@ -308,16 +313,18 @@ class StreamHub:
                 channel.task.cancel()
 
     def _forget(self, channel: _Channel) -> None:
-        """Take ``channel`` out of the table (idempotent); frees its per-plugin slot."""
+        """Take ``channel`` out of the table (idempotent)."""
         key = channel.key
-        if self._channels.get(key) is not channel:
-            return
-        del self._channels[key]
-        remaining = self._per_plugin[key.plugin_id] - 1
+        if self._channels.get(key) is channel:
+            del self._channels[key]
+
+    def _release(self, plugin_id: str) -> None:
+        """A channel's RunStream task has ended: its per-plugin slot is free again."""
+        remaining = self._per_plugin[plugin_id] - 1
         if remaining:
-            self._per_plugin[key.plugin_id] = remaining
+            self._per_plugin[plugin_id] = remaining
         else:
-            del self._per_plugin[key.plugin_id]
+            del self._per_plugin[plugin_id]
 
     def publish(self, key: StreamKey, data: bytes) -> int:
         """Send ``data`` to every subscriber of ``key`` (a PublishStream's answer); how many."""

@@ -38,6 +38,23 @@ def parse_network(entry: str) -> str:
     return str(ipaddress.ip_network(entry.strip(), strict=False))
 
 
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_COMPATIBLE: Final = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible addresses
+
+
+def _embedded_ipv4(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address leads to: IPv4-mapped, 6to4, NAT64 (a DNS64 network
+    dials an A record of 169.254.169.254 as 64:ff9b::a9fe:a9fe) and IPv4-compatible."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found = [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour) if v4 is not None]
+    if ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 class DeniedAddress(OSError):
     """The address to connect to is in a denied network.
 
@@ -67,9 +84,11 @@ class DeniedNetworks:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:169.254.169.254 is 169.254.169.254
-        return any(ip in network for network in self._networks)
+        return any(
+            candidate in network
+            for candidate in (ip, *_embedded_ipv4(ip))
+            for network in self._networks
+        )
 
     def socket_factory(self, addr_info: aiohttp.AddrInfoType) -> socket.socket:
         family, kind, proto, _, sockaddr = addr_info

@@ -37,7 +37,7 @@ from bridge.dsproxy.routes import ProxyRoute, RoutesError, compile_routes, match
 from bridge.dsproxy.settings import DatasourceProxySettings
 from bridge.dsproxy.target import Target, absolute, build_target, map_location, render
 from bridge.dsproxy.templates import TemplateData
-from bridge.dsproxy.tokens import TokenCache, TokenError, TokenKey
+from bridge.dsproxy.tokens import TokenCache, TokenEndpointDenied, TokenError, TokenKey
 from bridge.provisioning import DataSourceSettings
 from bridge.status import StatusError
 
@@ -333,6 +333,11 @@ class DatasourceProxy:
                 params=params,
                 timeout=self.settings.token_timeout,
             )
+        except TokenEndpointDenied as exc:
+            log.warning("datasource proxy: %s: %s", route.describe(), exc)
+            raise _Logged(
+                403, f"could not get an access token for {route.describe()}: {exc}"
+            ) from None
         except TokenError as exc:
             raise StatusError(
                 502, f"could not get an access token for {route.describe()}: {exc}"

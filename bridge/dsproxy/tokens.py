@@ -23,6 +23,8 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
+from bridge.dsproxy.networks import DeniedAddress
+
 __all__ = ["TokenCache", "TokenError", "TokenKey"]
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,10 @@ _MAX_TOKEN_ANSWER: Final = 1 << 20
 
 class TokenError(Exception):
     """The token endpoint could not be reached or gave no usable token."""
+
+
+class TokenEndpointDenied(TokenError):
+    """The token endpoint leads only to addresses in ``datasource_proxy.denied_networks``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +145,13 @@ class TokenCache:
         except TimeoutError:
             raise TokenError(f"the token endpoint did not answer within {timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, DeniedAddress
+            ):
+                raise TokenEndpointDenied(
+                    f"the token endpoint {url.host} leads only to addresses the datasource "
+                    "proxy may not connect to (datasource_proxy.denied_networks)"
+                ) from None
             raise TokenError(
                 f"the token endpoint could not be reached ({type(exc).__name__})"
             ) from None

@@ -294,7 +294,7 @@ async def _sse(
         )
         await response.prepare(call.request)
         heartbeat = hub.settings.heartbeat
-        write = _bounded_writer(response, hub.settings.write_timeout)
+        write = _bounded_writer(response, call.request, hub.settings.write_timeout)
         try:
             if answer.data:
                 await write(_event(answer.data))
@@ -330,14 +330,31 @@ async def _sse(
 
 
 def _bounded_writer(
-    response: web.StreamResponse, timeout: float
+    response: web.StreamResponse, request: web.Request, timeout: float
 ) -> Callable[[bytes], Awaitable[None]]:
-    """``response.write`` that raises ``TimeoutError`` if the client does not take the bytes
-    within ``timeout`` seconds (aiohttp waits for the transport to drain, without a limit)."""
+    """``response.write`` that raises ``TimeoutError`` once the client has not taken the bytes
+    for ``timeout`` seconds.
+
+    Two checks, because aiohttp awaits the transport's drain only every 64 KiB written: a write
+    that does wait is bounded by ``timeout``, and after every write the transport's own buffer
+    is looked at, so bytes that have sat unsent for longer than ``timeout`` end it too. Bytes that
+    still fit in the kernel's socket buffers are not seen by either: a client that stops
+    reading a quiet stream (heartbeats only) is noticed once those are full.
+    """
+    loop = asyncio.get_running_loop()
+    unsent_since: float | None = None
 
     async def write(data: bytes) -> None:
+        nonlocal unsent_since
         async with asyncio.timeout(timeout):
             await response.write(data)
+        transport = request.transport
+        if transport is None or not transport.get_write_buffer_size():
+            unsent_since = None
+        elif unsent_since is None:
+            unsent_since = loop.time()
+        elif loop.time() - unsent_since > timeout:
+            raise TimeoutError
 
     return write
 

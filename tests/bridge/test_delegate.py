@@ -764,7 +764,7 @@ async def unreachable(how: str) -> AsyncIterator[str]:
         await server.wait_closed()
 
 
-@pytest.mark.parametrize("how", ["refused", "closed-before-answer", "reset-before-answer", "dns"])
+@pytest.mark.parametrize("how", ["refused", "dns"])
 async def test_unreachable_delegate_is_503_with_retry_after_quickly(
     client: aiohttp.ClientSession, how: str
 ) -> None:
@@ -789,6 +789,26 @@ async def test_unreachable_delegate_is_503_with_retry_after_quickly(
     assert "the Grafana delegate could not be reached" in body["message"]
     address = URL(url)
     assert str(address.host) not in body["message"] and str(address.port) not in body["message"]
+
+
+@pytest.mark.parametrize("how", ["closed", "reset"])
+@pytest.mark.parametrize(("method", "code"), [("GET", 503), ("PUT", 503), ("POST", 502)])
+async def test_grafana_hanging_up_under_a_request_is_retryable_only_when_safe(
+    client: aiohttp.ClientSession, how: str, method: str, code: int
+) -> None:
+    """The request reached Grafana, which may have acted on it: 503 with Retry-After only for
+    a method that is safe to repeat (RFC 9110 idempotent); a POST gets 502, no invitation."""
+    async with unreachable(how) as url, bridge(DelegateSettings(url=url)) as running:
+        async with (
+            asyncio.timeout(3),
+            client.request(method, f"{running.url}/x", data=b"{}") as response,
+        ):
+            assert response.status == code
+            assert ("Retry-After" in response.headers) is (code == 503)
+            body = await response.json()
+        assert (await running.observed.get())[:2] == (method, code)
+    assert_status(body, code)
+    assert "the connection to the Grafana delegate broke before it answered" in body["message"]
 
 
 async def test_delegate_hangs_is_504_within_read_timeout(

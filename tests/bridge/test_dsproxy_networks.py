@@ -28,7 +28,12 @@ def test_default_networks_cover_metadata_services_and_link_local() -> None:
     for address in ("169.254.169.254", "169.254.0.1", "fe80::1", "fe80::1%1", "fd00:ec2::254"):
         assert check.denies(address), address
     assert check.denies("100.100.100.200")
-    assert check.denies("::ffff:169.254.169.254")  # IPv4-mapped is the same address
+    # IPv6 spellings that lead to the same IPv4 address: mapped, NAT64, 6to4, compatible.
+    for address in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1"):
+        assert check.denies(address), address
+    assert check.denies("::169.254.169.254")
+    assert not check.denies("64:ff9b::a00:1")  # NAT64 of 10.0.0.1: not in the list
+    assert not check.denies("::")
     for address in ("127.0.0.1", "::1", "10.0.0.1", "192.168.1.1", "2001:db8::1"):
         assert not check.denies(address), address
     assert DatasourceProxySettings().denied_networks == DEFAULT_DENIED_NETWORKS
@@ -99,4 +104,8 @@ async def test_a_name_that_resolves_into_a_denied_network_is_refused(tmp_path: P
         for uid in ("elsewhere", "px"):
             answer = await scene.proxy(uid, "q/x", user="viewer")
             assert_status(answer, 403, "Forbidden", DENIED_MESSAGE)
+        # A route's tokenAuth.url is held to the same rule, and says so.
+        answer = await scene.proxy("px", "oauth/x")
+        assert_status(answer, 403, "Forbidden", "could not get an access token")
+        assert "the token endpoint 127.0.0.1 leads only to addresses" in answer.json()["message"]
         assert scene.datasource.seen == []

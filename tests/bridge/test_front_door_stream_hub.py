@@ -72,9 +72,17 @@ async def test_an_unexpected_failure_ends_the_channel_instead_of_hanging_it() ->
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]
 
 
+async def _streams_wound_down() -> None:
+    """Until no stream task is left running (a cancelled one takes a few loop turns)."""
+    async with asyncio.timeout(5):
+        while [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # a finished task's done callbacks run on the next loop turn
+
+
 async def test_a_channel_that_ends_frees_its_place_in_the_per_plugin_limit() -> None:
-    """max_channels_per_plugin counts channels in the table, however they leave it: the last
-    subscriber leaving, or the stream ending while subscribers are still attached."""
+    """max_channels_per_plugin counts RunStream tasks until they have ended, however they end:
+    the last subscriber leaving, or the stream ending while subscribers are still attached."""
     client = BrokenClient()
     hub = StreamHub(
         StreamsSettings(max_channels_per_plugin=1),
@@ -88,15 +96,21 @@ async def test_a_channel_that_ends_frees_its_place_in_the_per_plugin_limit() -> 
         with pytest.raises(TooManyChannels, match="fake-plugin has 1 open streams"):
             hub.join(other_path, START)
         hub.join(other_plugin, START).leave()  # another plugin: a count of its own
-        # The stream ends (a bug here) with `first` still attached: its place is free at once.
+        # The stream ends (a bug here) with `first` still attached: once its task has ended,
+        # its place is free.
         async with asyncio.timeout(5):
             while first.end is None:
                 await first.next_batch()
+        await _streams_wound_down()
         second = hub.join(other_path, START)
         first.leave()  # leaving a forgotten channel frees nothing twice
         with pytest.raises(TooManyChannels):
             hub.join(KEY, START)
         second.leave()
+        # The slot is the RunStream's: taken until the cancelled task has really ended.
+        with pytest.raises(TooManyChannels):
+            hub.join(KEY, START)
+        await _streams_wound_down()
         hub.join(KEY, START).leave()
     finally:
         await hub.close()
