@@ -74,9 +74,9 @@ async def test_an_unexpected_failure_ends_the_channel_instead_of_hanging_it() ->
 
 async def _streams_wound_down() -> None:
     """Until no stream task is left running (a cancelled one takes a few loop turns)."""
-    async with asyncio.timeout(5):
-        while [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]:
-            await asyncio.sleep(0.01)
+    running = [t for t in asyncio.all_tasks() if t.get_name().startswith("stream ")]
+    if running:
+        await asyncio.wait(running, timeout=5)
     await asyncio.sleep(0)  # a finished task's done callbacks run on the next loop turn
 
 
