@@ -7,12 +7,12 @@ or changed since, is never overwritten.
 
 A user's delete is a change too, and it sticks. The bridge keeps a ledger, one record per
 derived name it has seen an object under (its own or a user's), in a second resource of the
-same storage (``autoregistrations``: the same SQLite file, or a sibling etcd prefix, so
-replicas share it). At start-up an object that is missing although the ledger says it
-existed was deleted by a user: it is not created again, and its record is marked
-``Declined``. To hand the object back, create
-it again with the annotation ``bridge.grafana.app/managed-by: auto-registration`` and no
-spec hash; the next start-up adopts it and keeps it up to date again.
+same storage (``autoregistrations``: the same SQLite file, or keys nested under the etcd
+prefix, so replicas share it and the bridge's etcd role needs only that prefix). At
+start-up an object that is missing although the ledger says it existed was deleted by a
+user: it is not created again, and its record is marked ``Declined``. To hand the object
+back, create it again with the annotation ``bridge.grafana.app/managed-by: auto-registration``
+and no spec hash; the next start-up adopts it and keeps it up to date again.
 
 The record is read before the object and written after it, so a replica that finds a record
 knows the object existed; a bridge that dies between the two writes finds its own object at
@@ -35,7 +35,7 @@ from typing import Any
 
 from bridge.apis import API_VERSION, KIND, PluginType, ServiceType
 from bridge.storage import AlreadyExists, Conflict, NotFound, StorageSettings, Store
-from bridge.storage.etcd import EtcdStore
+from bridge.storage.etcd import EtcdStore, PermissionDenied
 from bridge.storage.memory import MemoryStore
 from bridge.storage.sqlite import SQLiteStore
 from plugin_host.plugin_json import PluginJSON
@@ -158,16 +158,14 @@ def spec_hash(spec: Any) -> str:
 
 
 def ledger_prefix(prefix: str) -> str:
-    """The etcd prefix of the ledger next to the objects' ``prefix``.
+    """The etcd prefix of the ledger: ``<prefix>autoregistrations/``, inside the objects' key
+    range, so the bridge's etcd role needs nothing beyond ``prefix``.
 
-    ``/registry/<group>/dataplaneservices/`` gives ``/registry/<group>/autoregistrations/``;
-    any other last segment ``x`` gives ``x-autoregistrations``. Never under ``prefix``, so
-    the records are not DataPlaneServices to the store's list and watch.
+    A record's key has a further ``/`` after ``prefix``, which the object store never takes
+    for an object; nor can the segment collide with an object's name, since those are
+    ``<version>.<group>`` (with a dot) and ``autoregistrations`` has none.
     """
-    parts = [part for part in prefix.strip("/").split("/") if part]
-    last = parts.pop() if parts else "dataplaneservices"
-    parts.append(LEDGER_RESOURCE if last == "dataplaneservices" else f"{last}-{LEDGER_RESOURCE}")
-    return "/" + "/".join(parts) + "/"
+    return f"{prefix}{LEDGER_RESOURCE}/"
 
 
 def make_ledger(settings: StorageSettings) -> Store:
@@ -240,7 +238,17 @@ async def auto_register(
     written: list[str] = []
     for plugin in plugins:
         candidate = plugin if isinstance(plugin, Candidate) else Candidate(*plugin)
-        if await _register(store, ledger, candidate):
+        try:
+            registered = await _register(store, ledger, candidate)
+        except PermissionDenied as exc:
+            # Not an outage: retrying will not help, the operator must grant the key range.
+            log.error(
+                "auto-registration stopped: etcd denies the bridge access to %s (%s)",
+                exc.key_range,
+                exc.message,
+            )
+            return written
+        if registered:
             written.append(derived_object(candidate)["metadata"]["name"])
     return written
 
@@ -254,10 +262,14 @@ async def _register(store: Store, ledger: Store | None, candidate: Candidate) ->
     current = await _get(store, name)
     if current is None:
         if ledger is not None and record is not None:
+            first_time = record.get("spec", {}).get("state") != DECLINED
             await _note(ledger, name, plugin_id, record, DECLINED)
-            log.info(
-                "not registering DataPlaneService %s for plugin %s: a user deleted it "
-                "(create it again to serve it)",
+            # Loud the first time: a delete that was not a user's (a cleared prefix, a restore
+            # from an older snapshot) looks the same, and from now on it is never undone.
+            log.log(
+                logging.WARNING if first_time else logging.INFO,
+                "not registering DataPlaneService %s for plugin %s: it was deleted after the "
+                "bridge registered it, so a user declined it (create it again to serve it)",
                 name,
                 plugin_id,
             )

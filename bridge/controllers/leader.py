@@ -5,12 +5,13 @@ only the holder writes. The key is attached to a real etcd lease, so it disappea
 when the holder stops renewing (a killed process, a lost network): another replica then
 creates it and takes over, within the lease's time to live plus one retry period.
 
-The key is laid out as kube-apiserver would keep a ``coordination.k8s.io`` Lease: for the
-default object prefix ``/registry/aggregation.grafana.app/dataplaneservices/`` it is
-``/registry/leases/aggregation.grafana.app/grafana-bridge-availability`` (namespace = the
-prefix's group segment, so bridges using different prefixes elect separately). Its value is a
-Lease object naming the holder; renewals go to the etcd lease only (keep-alive), so the key is
-written once per term.
+The key is nested under the configured object prefix, so an etcd role granting that prefix
+is all a replica needs: for the default prefix
+``/registry/aggregation.grafana.app/dataplaneservices/`` it is
+``/registry/aggregation.grafana.app/dataplaneservices/leases/grafana-bridge-availability``
+(bridges using different prefixes elect separately). The object store never takes a nested key
+for an object. Its value is a ``coordination.k8s.io`` Lease naming the holder; renewals go to
+the etcd lease only (keep-alive), so the key is written once per term.
 
 A leader that cannot renew stops counting itself the leader as soon as the lease could have
 expired (measured from before the last successful renewal was sent), so it never writes
@@ -35,11 +36,12 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Gauge
 
 from bridge.storage import Store, StoreError
-from bridge.storage.etcd import EtcdStore
+from bridge.storage.etcd import EtcdStore, PermissionDenied
 
 log = logging.getLogger(__name__)
 
 LEASE_NAME = "grafana-bridge-availability"
+LEASE_SEGMENT = "leases"  # no dot, so never an object's name (those are <version>.<group>)
 DEFAULT_LEASE_DURATION = 15.0  # seconds, kube-controller-manager's --leader-elect-lease-duration
 DEFAULT_RETRY_PERIOD = 2.0  # seconds, its --leader-elect-retry-period
 
@@ -67,18 +69,14 @@ def holder_identity() -> str:
 
 
 def lease_key(prefix: str) -> str:
-    """Where the lease of the replicas using the object ``prefix`` lives.
+    """Where the lease of the replicas using the object ``prefix`` lives:
+    ``<prefix>leases/<LEASE_NAME>``, one lease per registry, inside its key range.
 
-    ``/registry/<group>/<resource>/`` gives ``/registry/leases/<group>/<name>``, with
-    ``<name>`` :data:`LEASE_NAME` (plus ``-<resource>`` when the resource segment is not
-    ``dataplaneservices``): one lease per registry, next to it, as Kubernetes keeps Leases.
+    It cannot collide with an object: object names are ``<version>.<group>`` and so contain a
+    dot, and the store takes only keys directly under the prefix (no further ``/``) for
+    objects, while ``leases`` has no dot and the lease key has a further ``/``.
     """
-    parts = [part for part in prefix.strip("/").split("/") if part]
-    resource = parts[-1] if parts else "dataplaneservices"
-    namespace = parts[-2] if len(parts) >= 2 else "default"
-    root = parts[:-2]
-    name = LEASE_NAME if resource == "dataplaneservices" else f"{LEASE_NAME}-{resource}"
-    return "/" + "/".join([*root, "leases", namespace, name])
+    return f"{prefix}{LEASE_SEGMENT}/{LEASE_NAME}"
 
 
 class SingleReplica:
@@ -130,7 +128,7 @@ class EtcdElector:
         self._holder: str | None = None  # the last holder seen (for logs and tests)
         self._listeners: list[Listener] = []
         self._task: asyncio.Task[None] | None = None
-        self._unreachable = False
+        self._problem: str | None = None  # what the last failed round was, logged once
 
     @property
     def is_leader(self) -> bool:
@@ -190,16 +188,27 @@ class EtcdElector:
         while True:
             try:
                 await self.try_once()
+            except PermissionDenied as exc:
+                if self._problem != "denied":
+                    log.error(
+                        "leader election: etcd denies this replica access to the lease key %s; "
+                        "no replica can lead until the bridge's etcd role grants read/write on "
+                        "%s (%s)",
+                        self.key,
+                        exc.key_range,
+                        exc.message,
+                    )
+                self._problem = "denied"
             except StoreError as exc:
-                if not self._unreachable:
+                if self._problem != "unreachable":
                     log.warning("leader election: cannot reach etcd (%s)", exc.message)
-                self._unreachable = True
+                self._problem = "unreachable"
             except Exception:
                 log.exception("leader election failed; trying again")
             else:
-                if self._unreachable:
+                if self._problem is not None:
                     log.info("leader election: etcd answers again")
-                self._unreachable = False
+                self._problem = None
             if self._leading and time.monotonic() >= self._valid_until:
                 self._step_down("its lease was not renewed in time")
             await asyncio.sleep(self._delay())
@@ -211,11 +220,10 @@ class EtcdElector:
         return max(0.0, min(self._retry, self._valid_until - time.monotonic()))
 
     def _record(self) -> bytes:
-        namespace, _, name = self.key.rpartition("/")
         lease = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": name, "namespace": namespace.rpartition("/")[2]},
+            "metadata": {"name": self.key.rpartition("/")[2]},
             "spec": {
                 "holderIdentity": self.identity,
                 "leaseDurationSeconds": self._ttl,

@@ -7,6 +7,12 @@ resource version is the key's ``mod_revision``; a list's is the response header'
 Writes are transactions, as kube-apiserver's: create only if ``create_revision == 0``, update
 and delete only if ``mod_revision`` is still the one read.
 
+Only keys directly under the prefix are objects. The bridge keeps its own bookkeeping in
+nested keys under the same prefix (the leader-election lease at ``<prefix>leases/...``, the
+auto-registration ledger at ``<prefix>autoregistrations/...``), so an etcd role granting the
+prefix is all it needs; list, get, watch and delete never take a key with a further ``/`` for
+an object (object names never contain one).
+
 The client is :mod:`aetcd`'s generated gRPC stubs over our own ``grpc.aio`` channel, which gives
 TLS, a deadline on every call (so an outage is :class:`~bridge.storage.Unavailable` within
 ``request_timeout``, usually at once) and a watch stream we own: when etcd goes away the watch
@@ -62,6 +68,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", 64 * 2**20),
 ]
 _GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_DENIED = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
 _MAX_UPDATE_ATTEMPTS = 32
 _WATCH_BUFFER = 16
 _RESUME_DELAY = (0.05, 1.0)  # first and longest pause between watch reconnects
@@ -125,6 +132,14 @@ class _Endpoint:
     lease: Any
 
 
+class PermissionDenied(StoreError):
+    """etcd refused the call: the client's role lacks access to ``key_range``."""
+
+    def __init__(self, name: str, message: str, key_range: str) -> None:
+        super().__init__(name, message)
+        self.key_range = key_range
+
+
 class _StreamBroken(Exception):
     """The watch stream ended; the watch reconnects."""
 
@@ -183,6 +198,8 @@ class EtcdStore:
         return cls(settings.endpoints, **{**configured, **options})
 
     async def get(self, name: str) -> dict[str, Any]:
+        if not _is_name(name):
+            raise NotFound(name)  # a nested key (the bridge's bookkeeping) is no object
         response = await self._call("Range", rpc.RangeRequest(key=self._key(name)), name)
         if not response.kvs:
             raise NotFound(name)
@@ -198,6 +215,8 @@ class EtcdStore:
 
     async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
         name = object_name(obj)
+        if not _is_name(name):
+            raise StoreError(name, f"an object name cannot contain '/': {name!r}")
         key = self._key(name)
         value = encode(new_body(obj)).encode()
         request = rpc.TxnRequest(
@@ -211,6 +230,8 @@ class EtcdStore:
 
     async def update(self, obj: dict[str, Any], *, expected_version: int | None) -> dict[str, Any]:
         name = object_name(obj)
+        if not _is_name(name):
+            raise NotFound(name)
         key = self._key(name)
         response = await self._call("Range", rpc.RangeRequest(key=key), name)
         if not response.kvs:
@@ -243,6 +264,8 @@ class EtcdStore:
         raise Conflict(name, expected=current, actual=int(kv.mod_revision))
 
     async def delete(self, name: str, *, expected_version: int | None = None) -> dict[str, Any]:
+        if not _is_name(name):
+            raise NotFound(name)
         key = self._key(name)
         if expected_version is None:
             request = rpc.DeleteRangeRequest(key=key, prev_kv=True)
@@ -302,7 +325,8 @@ class EtcdStore:
 
     async def grant_lease(self, ttl: int) -> tuple[int, int]:
         """A new etcd lease of ``ttl`` seconds: its id and the TTL etcd granted."""
-        response = await self._call("LeaseGrant", rpc.LeaseGrantRequest(TTL=ttl), lease=True)
+        request = rpc.LeaseGrantRequest(TTL=ttl)
+        response = await self._call("LeaseGrant", request, lease=True)
         if response.error:
             raise StoreError("", f"etcd refused a lease: {response.error}")
         return int(response.ID), int(response.TTL)
@@ -321,6 +345,8 @@ class EtcdStore:
                 raise StoreError("", "the store is closed") from exc
             details = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else "call ended"
             message = f"etcd at {endpoint.target}: {details}"
+            if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _DENIED:
+                raise self._denied("", endpoint.target, exc) from exc
             if isinstance(exc, grpc.aio.AioRpcError) and exc.code() not in _GONE:
                 raise StoreError("", message) from exc
             self._failed(index)
@@ -337,8 +363,9 @@ class EtcdStore:
         await self._call("LeaseRevoke", rpc.LeaseRevokeRequest(ID=lease_id), lease=True)
 
     async def claim_key(self, key: str, value: bytes, lease_id: int) -> tuple[bool, bytes, int]:
-        """Put ``value`` at ``key`` (any key, not only under the prefix), attached to the lease,
-        unless the key exists. Whether it was put, and the value and lease id the key has now.
+        """Put ``value`` at ``key`` (a full key; the bridge keeps it nested under the prefix),
+        attached to the lease, unless the key exists. Whether it was put, and the value and
+        lease id the key has now.
         """
         raw = key.encode()
         request = rpc.TxnRequest(
@@ -411,12 +438,25 @@ class EtcdStore:
                     raise _RevisionCompacted from exc
                 if self._closed:
                     raise StoreError(name, "the store is closed") from exc
+                if code in _DENIED:
+                    raise self._denied(name, endpoint.target, exc) from exc
                 message = f"etcd at {endpoint.target}: {exc.details()}"
                 if code not in _GONE:
                     raise StoreError(name, message) from exc
                 self._failed(index)
                 if attempts <= 0:
                     raise Unavailable(name, message) from exc
+
+    def _denied(self, name: str, target: str, exc: grpc.aio.AioRpcError) -> PermissionDenied:
+        """etcd's refusal, naming the key range the bridge's etcd role must grant."""
+        key_range = f"{self.prefix}* (the prefix and every key under it)"
+        if name.startswith("/"):  # a full key (the election's)
+            key_range = f"{name} (under the prefix {self.prefix})"
+        message = (
+            f"etcd at {target} denied access ({exc.code().name}: {exc.details()}); the bridge's "
+            f"etcd role needs read/write on {key_range}"
+        )
+        return PermissionDenied(name, message, key_range)
 
     # -- keys and values ---------------------------------------------------------------------
 
@@ -612,6 +652,11 @@ class _WatchStream:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
+
+
+def _is_name(name: str) -> bool:
+    """Whether ``name`` can be an object's: not empty and no ``/`` (which nests a key)."""
+    return bool(name) and "/" not in name
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -3,11 +3,18 @@ winner rule of a manifest against a stored object (on real SQLite files and a re
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import json
+import logging
+import time
 import uuid
 from pathlib import Path
 
+import aiohttp
+import pytest
 import yaml
+from aetcd import rpc  # type: ignore[import-untyped]
 
 from bridge.apis import DataPlaneService
 from bridge.controllers.autoregister import (
@@ -24,6 +31,7 @@ from bridge.controllers.autoregister import (
     service_types,
 )
 from bridge.controllers.availability import judge
+from bridge.controllers.leader import LEASE_NAME
 from bridge.manifests import ManifestService, load_manifests
 from bridge.routing import RouteTable
 from bridge.storage import StorageSettings, Store
@@ -31,8 +39,19 @@ from bridge.storage.etcd import EtcdStore
 from bridge.storage.memory import MemoryStore
 from bridge.storage.sqlite import SQLiteStore
 from plugin_host.plugin_json import parse_plugin_json
-from tests.bridge.storage.conftest import running_etcd
+from tests.bridge.bridge_process import (
+    ADMIN_TOKEN,
+    DPS_PATH,
+    BridgeProcess,
+    free_port,
+    running_bridges,
+    write_bridge_config,
+)
+from tests.bridge.storage.conftest import running_etcd, unique_prefix
+from tests.bridge.storage.etcd_server import EtcdServer
+from tests.bridge.storage.test_etcd import grant_only, raw_channel, tls_settings
 from tests.conftest import FIXTURE_PLUGINS
+from tests.helpers import GO_FIXTURE_ID, PY_FIXTURE_ID
 
 NAME = "v0alpha1.acme-x-datasource.grafana.app"
 REFLECTED = frozenset({"pluginv2.Data", "pluginv2.Resource", "pluginv2.Diagnostics"})
@@ -165,7 +184,7 @@ async def test_a_delete_sticks_on_etcd_for_every_replica() -> None:
         store = EtcdStore.from_settings(settings.etcd)
         ledger = make_ledger(settings)
         assert isinstance(ledger, EtcdStore)
-        assert ledger.prefix == prefix.replace("/dataplaneservices/", "/autoregistrations/")
+        assert ledger.prefix == f"{prefix}autoregistrations/"
         try:
             await delete_sticks(store, ledger)
             await store.delete(NAME)
@@ -205,13 +224,114 @@ async def test_deleting_a_users_own_object_of_that_name_sticks_too() -> None:
     assert await states(ledger) == {NAME: DECLINED}
 
 
-def test_ledger_prefix_is_beside_the_objects_never_under_them() -> None:
+async def test_an_etcd_role_granting_only_the_prefix_is_enough(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With etcd RBAC on, the ledger inside the prefix works; one outside (where it used to
+    be) is refused and auto-registration stops with a permission message naming the range."""
+    prefix = unique_prefix()
+    with running_etcd(tls=True) as etcd:
+        await grant_only(etcd, prefix)
+        settings = StorageSettings(backend="etcd", etcd=tls_settings(etcd, prefix))
+        plugin = Candidate("acme-x-datasource", "datasource", REFLECTED)
+        async with EtcdStore.from_settings(settings.etcd) as store:
+            ledger = make_ledger(settings)
+            try:
+                assert await auto_register(store, [plugin], ledger=ledger) == [NAME]
+                assert await states(ledger) == {NAME: PRESENT}
+            finally:
+                await ledger.close()
+            outside = prefix.replace("/dataplaneservices/", "/autoregistrations/")
+            async with EtcdStore.from_settings(settings.etcd, prefix=outside) as elsewhere:
+                other = Candidate("acme-y-datasource", "datasource", REFLECTED)
+                with caplog.at_level(logging.WARNING, logger="bridge.controllers.autoregister"):
+                    assert await auto_register(store, [other], ledger=elsewhere) == []
+            assert [o["metadata"]["name"] for o in (await store.list())[0]] == [NAME]
+    [message] = [r.getMessage() for r in caplog.records]
+    assert message.startswith("auto-registration stopped: etcd denies the bridge access to")
+    assert outside in message and "PERMISSION_DENIED" in message
+
+
+async def raw_keys(etcd: EtcdServer, prefix: str) -> list[str]:
+    """Every key under ``prefix``, read straight from etcd."""
+    async with raw_channel(etcd) as channel:
+        request = rpc.RangeRequest(
+            key=prefix.encode(), range_end=prefix[:-1].encode() + b"0", keys_only=True
+        )
+        response = await rpc.KVStub(channel).Range(request, timeout=5)
+    return [kv.key.decode() for kv in response.kvs]
+
+
+async def watched(
+    session: aiohttp.ClientSession, bridge: BridgeProcess, query: str
+) -> list[tuple[str, str]]:
+    """The (type, name) of every event of a watch through the HTTP API ending after 1 s."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    url = f"{bridge.url}{DPS_PATH}?watch=true&timeoutSeconds=1&{query}"
+    async with session.get(url, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        lines = (await response.text()).splitlines()
+    events = [json.loads(line) for line in lines if line.strip()]
+    return [(e["type"], e["object"]["metadata"]["name"]) for e in events]
+
+
+@pytest.mark.go
+@pytest.mark.slow
+@pytest.mark.usefixtures("go_fixture_binary")
+async def test_the_lease_and_ledger_keys_never_show_through_the_http_api(
+    tmp_path: Path,
+) -> None:
+    """A bridge on etcd auto-registers the fixtures (ledger records) and leads (lease key),
+    all under its prefix; list, watch (from the start of history too) and deletecollection
+    through the HTTP API see only the DataPlaneServices, and leave the bookkeeping alone."""
+    prefix = unique_prefix()
+    port = free_port()
+    with running_etcd() as etcd, running_bridges() as bridges:
+        storage = {"backend": "etcd", "etcd": {"endpoints": [etcd.endpoint], "prefix": prefix}}
+        config = write_bridge_config(
+            tmp_path, port, storage=storage, dataplane={"auto_register": "all"}
+        )
+        bridge = BridgeProcess(config, port=port)
+        bridges.append(bridge)
+        bridge.start()
+        async with aiohttp.ClientSession() as session:
+            await bridge.wait_ready(session)
+            names = sorted(
+                f"v0alpha1.{plugin}.grafana.app" for plugin in (GO_FIXTURE_ID, PY_FIXTURE_ID)
+            )
+            ledger_keys = [f"{prefix}autoregistrations/{name}" for name in names]
+            bookkeeping = [f"{prefix}leases/{LEASE_NAME}", *ledger_keys]
+            deadline = time.monotonic() + 20
+            while not set(bookkeeping) <= set(await raw_keys(etcd, prefix)):
+                assert time.monotonic() < deadline, (await raw_keys(etcd, prefix), bridge.log)
+                await asyncio.sleep(0.1)
+
+            code, listed = await bridge.request(session, "GET", DPS_PATH)
+            assert code == 200, listed
+            assert sorted(o["metadata"]["name"] for o in listed["items"]) == names
+            initial = await watched(session, bridge, "")
+            assert sorted(initial) == [("ADDED", name) for name in names]
+            # From revision 1: every change under the prefix, the bookkeeping's included.
+            history = await watched(session, bridge, "resourceVersion=1")
+            assert {name for _, name in history} == set(names), history
+
+            code, answer = await bridge.request(session, "DELETE", DPS_PATH)
+            assert code == 200, answer
+            code, listed = await bridge.request(session, "GET", DPS_PATH)
+            assert code == 200 and listed["items"] == [], listed
+            left = await raw_keys(etcd, prefix)
+            assert sorted(left) == sorted(bookkeeping), left
+
+
+def test_ledger_prefix_is_nested_inside_the_objects_prefix() -> None:
     default = "/registry/aggregation.grafana.app/dataplaneservices/"
-    assert ledger_prefix(default) == "/registry/aggregation.grafana.app/autoregistrations/"
-    assert ledger_prefix("/bridge/objects/") == "/bridge/objects-autoregistrations/"
-    assert ledger_prefix("/x/") == "/x-autoregistrations/"
+    assert ledger_prefix(default) == f"{default}autoregistrations/"
+    assert ledger_prefix("/bridge/objects/") == "/bridge/objects/autoregistrations/"
+    assert ledger_prefix("/x/") == "/x/autoregistrations/"
     for prefix in (default, "/bridge/objects/", "/x/"):
-        assert not ledger_prefix(prefix).startswith(prefix)
+        # Inside the prefix (one etcd role suffices), one segment deeper (never an object).
+        assert ledger_prefix(prefix).startswith(prefix)
+        assert ledger_prefix(prefix).removeprefix(prefix).count("/") == 1
 
 
 def write_manifest(directory: Path, plugin_id: str) -> Path:

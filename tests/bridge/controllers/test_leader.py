@@ -25,7 +25,7 @@ from bridge.storage.etcd import DEFAULT_PREFIX, EtcdStore
 from bridge.storage.memory import MemoryStore
 from tests.bridge.storage.conftest import running_etcd, unique_prefix
 from tests.bridge.storage.etcd_server import EtcdServer
-from tests.bridge.storage.test_etcd import raw_channel
+from tests.bridge.storage.test_etcd import grant_only, raw_channel, tls_settings
 
 TTL = 2.0  # etcd's shortest lease (its minimum is 1.5 s with the default election timeout)
 RETRY = 0.25
@@ -73,13 +73,16 @@ async def wait_for(predicate: Any, limit: float) -> float:
     return time.monotonic() - started
 
 
-def test_the_lease_key_sits_beside_the_registry_as_kubernetes_keeps_leases() -> None:
-    assert lease_key(DEFAULT_PREFIX) == f"/registry/leases/aggregation.grafana.app/{LEASE_NAME}"
-    assert lease_key("/registry/team-a/dataplaneservices/") == (
-        f"/registry/leases/team-a/{LEASE_NAME}"
+def test_the_lease_key_is_nested_inside_the_configured_prefix() -> None:
+    # Inside the prefix, so an etcd role granting only the prefix suffices.
+    assert lease_key(DEFAULT_PREFIX) == (
+        f"/registry/aggregation.grafana.app/dataplaneservices/leases/{LEASE_NAME}"
     )
-    assert lease_key("/x/y/things/") == f"/x/leases/y/{LEASE_NAME}-things"
-    assert lease_key("/solo/") == f"/leases/default/{LEASE_NAME}-solo"
+    assert lease_key("/x/y/things/") == f"/x/y/things/leases/{LEASE_NAME}"
+    assert lease_key("/solo/") == f"/solo/leases/{LEASE_NAME}"
+    for prefix in (DEFAULT_PREFIX, "/x/y/things/", "/solo/"):
+        rest = lease_key(prefix).removeprefix(prefix)
+        assert lease_key(prefix).startswith(prefix) and "/" in rest
     # Different registries elect separately.
     assert lease_key("/registry/a/dataplaneservices/") != lease_key(
         "/registry/b/dataplaneservices/"
@@ -123,7 +126,8 @@ async def test_two_electors_one_wins_and_the_record_names_it(
     record, lease_id = found
     assert lease_id != 0  # attached to an etcd lease, so it expires with its holder
     assert record["kind"] == "Lease" and record["apiVersion"] == "coordination.k8s.io/v1"
-    assert record["metadata"] == {"name": LEASE_NAME, "namespace": prefix.split("/")[2]}
+    assert first.key == f"{prefix}leases/{LEASE_NAME}"
+    assert record["metadata"] == {"name": LEASE_NAME}
     assert record["spec"]["holderIdentity"] == leader.identity
     assert record["spec"]["leaseDurationSeconds"] == 6
     await asyncio.gather(leader.stop(), follower.stop())
@@ -203,3 +207,38 @@ async def test_a_leader_that_loses_etcd_stops_leading_within_the_lease() -> None
         finally:
             await elector.stop()
             await store.close()
+
+
+@pytest.fixture
+def tls_etcd() -> Iterator[EtcdServer]:
+    with running_etcd(tls=True) as server:
+        yield server
+
+
+async def test_an_etcd_role_granting_only_the_prefix_is_enough(
+    tls_etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With etcd RBAC on, a replica whose role grants only the prefix is elected; a lease key
+    outside the prefix (where it used to be) is refused, logged once as a permission problem."""
+    prefix = unique_prefix()
+    await grant_only(tls_etcd, prefix)
+    caplog.set_level(logging.INFO, logger="bridge.controllers.leader")
+    async with EtcdStore.from_settings(tls_settings(tls_etcd, prefix)) as store:
+        elector = EtcdElector(store, lease_duration=TTL * 3, retry_period=RETRY)
+        assert await elector.try_once()
+        await elector.stop()
+
+        outside = "/registry/leases/aggregation.grafana.app/" + LEASE_NAME
+        denied = EtcdElector(store, lease_duration=TTL * 3, retry_period=RETRY, key=outside)
+        denied.start()
+        try:
+            await wait_for(lambda: "denies this replica access" in caplog.text, 5)
+            await asyncio.sleep(RETRY * 3)  # several more rounds fail the same way
+            assert not denied.is_leader
+        finally:
+            await denied.stop()
+    messages = [r.getMessage() for r in caplog.records if "denies" in r.getMessage()]
+    assert len(messages) == 1, messages
+    assert outside in messages[0] and "PERMISSION_DENIED" in messages[0]
+    assert "read/write on" in messages[0]
+    assert "cannot reach etcd" not in caplog.text

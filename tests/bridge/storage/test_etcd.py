@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import grpc
@@ -11,7 +13,9 @@ import pytest
 from aetcd import rpc  # type: ignore[import-untyped]
 from pydantic import ValidationError
 
-from bridge.storage import StoreError, Unavailable
+from bridge.controllers.autoregister import ledger_prefix
+from bridge.controllers.leader import EtcdElector, lease_key
+from bridge.storage import NotFound, StoreError, Unavailable, WatchEvent, WatchEventType
 from bridge.storage.etcd import DEFAULT_PREFIX, EtcdSettings, EtcdStore
 from tests.bridge.storage.conformance import dataplaneservice, rv
 from tests.bridge.storage.conftest import unique_prefix
@@ -20,6 +24,49 @@ from tests.bridge.storage.etcd_server import EtcdServer, free_port
 
 def raw_channel(server: EtcdServer) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(server.endpoint.removeprefix("http://"))
+
+
+def tls_settings(server: EtcdServer, prefix: str) -> EtcdSettings:
+    """Settings for ``server`` (from the ``tls_etcd`` fixture) with our client certificate."""
+    assert server.tls is not None
+    return EtcdSettings(
+        endpoints=(server.endpoint,),
+        prefix=prefix,
+        request_timeout=2.0,
+        ca_file=server.tls.ca,
+        cert_file=server.tls.client_cert,
+        key_file=server.tls.client_key,
+    )
+
+
+async def grant_only(server: EtcdServer, prefix: str) -> None:
+    """Turn on etcd's authentication with an RBAC role as an operator would give the bridge:
+    read/write on ``prefix`` and every key under it, nothing else. etcd takes the client
+    certificate's common name (``client``) for the user."""
+    assert server.tls is not None
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=server.tls.ca.read_bytes(),
+        private_key=server.tls.client_key.read_bytes(),
+        certificate_chain=server.tls.client_cert.read_bytes(),
+    )
+    target = server.endpoint.removeprefix("https://")
+    async with grpc.aio.secure_channel(target, credentials) as channel:
+        auth = rpc.AuthStub(channel)
+        no_password = rpc.UserAddOptions(no_password=True)
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="root", options=no_password), timeout=5)
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await auth.UserAdd(rpc.AuthUserAddRequest(name="client", options=no_password), timeout=5)
+        await auth.RoleAdd(rpc.AuthRoleAddRequest(name="bridge"), timeout=5)
+        permission = rpc.Permission(
+            permType=rpc.Permission.READWRITE,
+            key=prefix.encode(),
+            range_end=prefix[:-1].encode() + b"0",  # "/" + 1: every key under the prefix
+        )
+        await auth.RoleGrantPermission(
+            rpc.AuthRoleGrantPermissionRequest(name="bridge", perm=permission), timeout=5
+        )
+        await auth.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="client", role="bridge"))
+        await auth.AuthEnable(rpc.AuthEnableRequest(), timeout=5)
 
 
 async def test_objects_are_kept_where_kubernetes_keeps_them(etcd_server: EtcdServer) -> None:
@@ -79,6 +126,72 @@ async def test_values_that_are_not_json_are_skipped(
         assert "bad" in caplog.text
         with pytest.raises(StoreError, match="not JSON"):
             await store.get("bad")
+
+
+async def test_the_bridges_nested_keys_are_never_objects(etcd_server: EtcdServer) -> None:
+    """The election lease and the auto-registration ledger live under the prefix (one etcd
+    role suffices), and get, list, watch (from now, or resumed from an older revision) and
+    deleting every listed object see only the objects."""
+    prefix = unique_prefix()
+    async with (
+        EtcdStore([etcd_server.endpoint], prefix=prefix) as store,
+        EtcdStore([etcd_server.endpoint], prefix=ledger_prefix(prefix)) as ledger,
+        raw_channel(etcd_server) as channel,
+    ):
+        kv = rpc.KVStub(channel)
+        _, before = await store.list()
+        live = store.watch()
+        first = asyncio.create_task(anext(live))  # started: watching from now
+        await asyncio.sleep(0.2)
+        a = await store.create(dataplaneservice("v0alpha1.a.grafana.app"))
+        elector = EtcdElector(store, lease_duration=6, retry_period=1)
+        assert await elector.try_once()
+        await ledger.create({"metadata": {"name": "v0alpha1.a.grafana.app"}, "spec": {}})
+        b = await store.create(dataplaneservice("v0alpha1.b.grafana.app"))
+        keys = [lease_key(prefix), f"{ledger_prefix(prefix)}v0alpha1.a.grafana.app"]
+        assert all(key.startswith(prefix) for key in keys)
+        for key in keys:
+            assert (await kv.Range(rpc.RangeRequest(key=key.encode()))).kvs
+
+        items, _ = await store.list()
+        assert items == [a, b]
+        for key in keys:
+            nested = key.removeprefix(prefix)
+            with pytest.raises(NotFound):
+                await store.get(nested)
+            with pytest.raises(NotFound):
+                await store.delete(nested)
+        # Deleting the collection (every listed object) leaves the bookkeeping alone.
+        for item in items:
+            await store.delete(item["metadata"]["name"])
+        assert (await store.list())[0] == []
+        for key in keys:
+            assert (await kv.Range(rpc.RangeRequest(key=key.encode()))).kvs
+        await ledger.delete("v0alpha1.a.grafana.app")
+        await elector.stop()  # revokes the lease: etcd deletes the lease key
+        assert not (await kv.Range(rpc.RangeRequest(key=keys[0].encode()))).kvs
+        last = await store.create(dataplaneservice("v0alpha1.c.grafana.app"))
+
+        async def names(
+            watch: AsyncGenerator[WatchEvent, None], head: list[WatchEvent]
+        ) -> list[tuple[str, str]]:
+            seen = list(head)
+            while seen[-1].resource_version < rv(last):
+                seen.append(await asyncio.wait_for(anext(watch), 5))
+            await watch.aclose()
+            return [(e.type, e.object["metadata"]["name"]) for e in seen]
+
+        expected = [
+            (WatchEventType.ADDED, "v0alpha1.a.grafana.app"),
+            (WatchEventType.ADDED, "v0alpha1.b.grafana.app"),
+            (WatchEventType.DELETED, "v0alpha1.a.grafana.app"),
+            (WatchEventType.DELETED, "v0alpha1.b.grafana.app"),
+            (WatchEventType.ADDED, "v0alpha1.c.grafana.app"),
+        ]
+        assert await names(live, [await asyncio.wait_for(first, 5)]) == expected
+        resumed = store.watch(since=before)
+        assert await names(resumed, [await anext(resumed)]) == expected
+        await store.delete("v0alpha1.c.grafana.app")
 
 
 async def test_reads_go_on_to_the_next_endpoint(etcd_server: EtcdServer) -> None:
