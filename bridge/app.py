@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
+import inspect
+import io
 import logging
+import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -130,11 +136,65 @@ def handler_kwargs(bridge: Bridge) -> dict[str, Any]:
 
 async def _bridge_context(app: web.Application) -> AsyncIterator[None]:
     bridge = app[BRIDGE_KEY]
+    loop = asyncio.get_running_loop()
+    # `kill -USR1 <pid>`: every asyncio task's stack in the log, as Go's SIGQUIT dumps its
+    # goroutines — for a bridge that seems stuck, without stopping it.
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGUSR1, log_task_stacks)
     await bridge.start()  # stops what it started if it fails or is cancelled
     try:
         yield
     finally:
         await bridge.stop()
+
+
+def _awaiting_frames(awaitable: object, limit: int = 40) -> list[Any]:
+    """The frames of a coroutine and of everything it is awaiting, outermost first (what
+    ``Task.get_stack`` leaves out: frames inside async generators and awaited coroutines)."""
+    frames: list[Any] = []
+    while awaitable is not None and len(frames) < limit:
+        frame = next(
+            (
+                getattr(awaitable, name)
+                for name in ("cr_frame", "ag_frame", "gi_frame")
+                if getattr(awaitable, name, None) is not None
+            ),
+            None,
+        )
+        if frame is not None:
+            frames.append(frame)
+        awaitable = next(
+            (
+                getattr(awaitable, name)
+                for name in ("cr_await", "ag_await", "gi_yieldfrom")
+                if getattr(awaitable, name, None) is not None
+            ),
+            None,
+        ) or (None if frame is not None else _generator_behind(awaitable))
+    return frames
+
+
+def _generator_behind(awaitable: object) -> object:
+    """The async generator an ``async for`` step (``async_generator_asend``) belongs to; it
+    exposes no attribute for it, only a reference the garbage collector can see."""
+    if type(awaitable).__name__ not in ("async_generator_asend", "async_generator_athrow"):
+        return None
+    return next(
+        (ref for ref in gc.get_referents(awaitable) if inspect.isasyncgen(ref)),
+        None,
+    )
+
+
+def log_task_stacks() -> None:
+    """Log the stack of every asyncio task of the running loop, at warning level."""
+    tasks = asyncio.all_tasks()
+    out = io.StringIO()
+    for task in sorted(tasks, key=lambda t: t.get_name()):
+        out.write(f"--- task {task.get_name()} ({'done' if task.done() else 'pending'})\n")
+        for frame in _awaiting_frames(task.get_coro()):
+            code = frame.f_code
+            out.write(f"  {code.co_filename}:{frame.f_lineno} in {code.co_name}\n")
+    log.warning("asyncio task stacks (%d tasks, SIGUSR1):\n%s", len(tasks), out.getvalue())
 
 
 async def _read_only(request: web.Request) -> web.StreamResponse:

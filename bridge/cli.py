@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -121,6 +123,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(config: BridgeConfig, args: argparse.Namespace) -> int:
+    # `kill -USR2 <pid>`: every thread's Python stack on stderr, even with the event loop
+    # blocked (SIGUSR1 logs the asyncio tasks' stacks, which needs a running loop).
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     server = config.server
     try:
         ssl_context = tls.server_ssl_context(server)

@@ -508,7 +508,8 @@ class PluginProcess:
                 # go-plugin 1.0.x answers UNAVAILABLE because it stops before replying: any
                 # outcome of the call is fine, what counts is whether the process exits.
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(request_shutdown(), timeout=max(0.05, grace))
+                    async with asyncio.timeout(max(0.05, grace)):
+                        await request_shutdown()
                 remaining = max(0.0, deadline - loop.time())
                 await asyncio.wait({self._pipes.exited}, timeout=remaining)
                 if self.returncode is None:

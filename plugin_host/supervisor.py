@@ -264,7 +264,8 @@ class PluginSupervisor:
     async def wait_settled(self, timeout: float | None = None) -> PluginStatus:
         """Wait until the first start attempt has succeeded or failed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._settled.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel (3.11)
+                await self._settled.wait()
         return self._status
 
     async def stop(self) -> None:
@@ -527,7 +528,8 @@ class PluginSupervisor:
             ", crash-looping" if state is PluginState.CRASH_LOOP else "",
         )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            async with asyncio.timeout(delay):  # not wait_for: it can swallow a cancel (3.11)
+                await self._stopping.wait()
 
     async def _release(self) -> None:
         """Let go of this run's process and connections: gracefully when stopping."""

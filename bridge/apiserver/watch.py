@@ -219,7 +219,9 @@ async def serve_watch(
             if params.bookmarks:
                 wait = min(wait, max(0.0, bookmark_due - now))
             try:
-                item_or_error = await asyncio.wait_for(queue.get(), timeout=wait)
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
+                async with asyncio.timeout(wait):
+                    item_or_error = await queue.get()
             except TimeoutError:
                 if params.bookmarks and time.monotonic() >= bookmark_due:
                     await stream.send("BOOKMARK", bookmark(last_version))

@@ -197,8 +197,11 @@ class AvailabilityController:
 
     async def _run(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for swallows a cancellation
+            # that arrives as the awaited thing completes, and stop() would wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=self._resync)
+                async with asyncio.timeout(self._resync):
+                    await self._dirty.wait()
             self._dirty.clear()
             try:
                 await self.reconcile()

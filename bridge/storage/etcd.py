@@ -637,8 +637,12 @@ class _WatchStream:
 
     async def next(self, timeout: float | None) -> Any:
         """The next response, or ``None`` when ``timeout`` passed without one."""
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for returns the item instead of
+        # raising when a cancellation arrives as the item does, so a watch cancelled as an event
+        # came in went on waiting for the next one, and the bridge never finished stopping.
         try:
-            item = await asyncio.wait_for(self._responses.get(), timeout)
+            async with asyncio.timeout(timeout):
+                item = await self._responses.get()
         except TimeoutError:
             return None
         if item is _END:

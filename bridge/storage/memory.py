@@ -167,7 +167,8 @@ class MemoryStore:
             changed = self._changed
             timeout = max(0.0, bookmark_at - loop.time()) if bookmarks else None
             try:
-                await asyncio.wait_for(changed.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for (3.11 can swallow a cancel)
+                    await changed.wait()
             except TimeoutError:
                 if not self._after(position):
                     position = max(position, self._version)

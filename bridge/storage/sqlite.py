@@ -376,7 +376,8 @@ class SQLiteStore:
             if bookmarks:
                 timeout = min(timeout, max(0.0, bookmark_at - loop.time()))
             try:
-                await asyncio.wait_for(changed.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for (3.11 can swallow a cancel)
+                    await changed.wait()
             except TimeoutError:
                 if bookmarks and loop.time() >= bookmark_at:
                     position = max(position, feed.head)

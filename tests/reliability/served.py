@@ -63,9 +63,22 @@ class PluginDef:
     def resource_path(self, rest: str) -> str:
         return f"/apis/{self.group}/{VERSION}/namespaces/default/datasources/{self.uid}/resource/{rest}"
 
+    def stream_path(self, channel: str) -> str:
+        return f"/apis/{self.group}/{VERSION}/namespaces/default/datasources/{self.uid}/stream/{channel}"
+
+    def proxy_path(self, rest: str) -> str:
+        return (
+            f"/apis/{self.group}/{VERSION}/namespaces/default/datasources/{self.uid}/proxy/{rest}"
+        )
+
 
 PY = PluginDef("bridge-pyfixture-datasource", "py", "pyfixture.datasource.grafana.app")
 GO = PluginDef("bridge-gofixture-datasource", "go", "gofixture.datasource.grafana.app")
+# Every plugin serves queries, resources, Live streams and the datasource proxy (to the
+# ``upstream`` URL its provisioned datasource points at).
+SERVICES = ({"type": "query"}, {"type": "route"}, {"type": "stream"}, {"type": "datasource-proxy"})
+# A Live stream of the fixtures: the subscribe answer's data at once, then a tick every 50 ms.
+TICKS = "ticks/load?data=%7B%22intervalMs%22%3A50%7D"
 
 
 def query_body(uid: str) -> bytes:
@@ -85,18 +98,31 @@ def write_config(
     delegate: str | None,
     storage: Mapping[str, Any],
     plugin_settings: Mapping[str, Any] | None = None,
+    upstream: str | None = None,
+    log_level: str = "info",
 ) -> Path:
-    """A bridge config in ``root``; Python-fixture copies are made for ids other than PY/GO."""
+    """A bridge config in ``root``; Python-fixture copies are made for ids other than PY/GO.
+
+    ``upstream``: the URL every provisioned datasource points at (its datasource proxy's
+    destination). ``log_level``: the bridge's ``logging.level`` (``info`` is its default).
+    """
     extra_dir = root / "plugins"
     extra_dir.mkdir(exist_ok=True)
     for plugin in plugins:
         if plugin.plugin_id not in (PY.plugin_id, GO.plugin_id):
             python_fixture_as(extra_dir, plugin.plugin_id)
-    write_datasources(root / "provisioning", *(datasource(p.plugin_id, p.uid) for p in plugins))
+    # The fixtures' plugin.json routes (``api``, ``admin``) point at ``{{.JsonData.url}}``.
+    json_data = {"url": upstream} if upstream is not None else None
+    entries = [datasource(p.plugin_id, p.uid, json_data=json_data) for p in plugins]
+    if upstream is not None:
+        for entry in entries:
+            entry["url"] = upstream
+            entry["secureJsonData"] = {"apiToken": "upstream-secret"}
+    write_datasources(root / "provisioning", *entries)
     write_manifest(
         root / "dataplane",
         "services.yaml",
-        *(dataplane_service(p.plugin_id, p.group) for p in plugins),
+        *(dataplane_service(p.plugin_id, p.group, services=SERVICES) for p in plugins),
     )
     env = {p.plugin_id: {**p.env, MARK: p.plugin_id} for p in plugins}
     config = {
@@ -118,7 +144,7 @@ def write_config(
         "dataplane": {"manifests": [str(root / "dataplane")], "auto_register": "none"},
         "delegate": {"url": delegate, "connect_timeout": 1, "read_timeout": 5},
         "storage": dict(storage),
-        "logging": {"level": "warning"},
+        "logging": {"level": log_level},
     }
     path = root / "bridge.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -153,6 +179,20 @@ class ServedBridge:
 
     def plugin_processes(self) -> list[psutil.Process]:
         return [p for p in marked(self.run) if p.pid != self.process.pid]
+
+    def zombie_children(self) -> list[int]:
+        """The bridge's child processes that exited and were never reaped (must be none).
+
+        ``marked`` skips zombies, so this asks the bridge's own process tree.
+        """
+        found = []
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            try:
+                if child.status() == psutil.STATUS_ZOMBIE:
+                    found.append(child.pid)
+            except psutil.NoSuchProcess:
+                continue
+        return found
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -223,6 +263,11 @@ async def leftover_plugins(run: str, timeout: float = 5.0) -> int:
 # -- load --------------------------------------------------------------------------------------
 
 Request = tuple[str, str, bytes | None]  # method, path, body
+# What a request may end with besides success: a Kubernetes Status with one of these codes
+# (issue #6: "success, or 503/504 Status"). A 503 must carry Retry-After.
+UNAVAILABLE = frozenset({503, 504})
+# Events an SSE subscriber reads before it closes: the subscribe answer and one tick.
+SSE_EVENTS = 2
 
 
 @dataclass
@@ -233,10 +278,36 @@ class LoadStats:
     longest: float = 0.0
     longest_what: str = ""
     bad: list[str] = field(default_factory=list)
+    # SIGKILLs of a plugin during the load: (uid, monotonic time). A streamed answer of that
+    # plugin cut short is honest only when such a kill fell inside the request.
+    kills: list[tuple[str, float]] = field(default_factory=list)
 
     @property
     def succeeded(self) -> int:
         return sum(n for code, n in self.by_code.items() if code.startswith("2"))
+
+    def killed(self, uid: str) -> None:
+        self.kills.append((uid, time.monotonic()))
+
+    def killed_during(self, uid: str, started: float, ended: float) -> bool:
+        return any(u == uid and started <= at <= ended for u, at in self.kills)
+
+
+async def _read_events(reply: aiohttp.ClientResponse, wanted: int) -> int:
+    """Read an SSE answer until ``wanted`` events (heartbeats aside) or its end; the count."""
+    events = 0
+    buffer = b""
+    async for chunk in reply.content.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            block, buffer = buffer.split(b"\n\n", 1)
+            if block.startswith(b"event: end"):
+                return events
+            if not block.startswith(b":"):
+                events += 1
+        if events >= wanted:
+            return events
+    return events
 
 
 async def one_request(
@@ -247,11 +318,17 @@ async def one_request(
     stats: LoadStats,
     *,
     deadline: float,
-    allowed: frozenset[int] = frozenset({502, 503, 504}),
+    allowed: frozenset[int] = UNAVAILABLE,
 ) -> int | None:
-    """Send one request; count it; record anything but success or an allowed Status."""
+    """Send one request; count it; record anything but success or an allowed Status.
+
+    A ``stream …`` kind subscribes over SSE, reads the subscribe answer and one tick, and
+    closes the connection (a subscriber going away). The plugin's uid is the second word of
+    ``kind`` (``resource py``).
+    """
     method, path, body = request
     headers = {**ADMIN, "Content-Type": "application/json"} if body else ADMIN
+    uid = kind.split()[1] if " " in kind else ""
     started = time.monotonic()
     stats.sent += 1
     stats.by_kind[kind] += 1
@@ -260,23 +337,38 @@ async def one_request(
         async with asyncio.timeout(deadline):
             async with session.request(method, url + path, data=body, headers=headers) as reply:
                 code = reply.status
-                payload = await reply.read()
+                if kind.startswith("stream") and code == 200:
+                    await _read_events(reply, SSE_EVENTS)
+                    reply.close()  # the subscriber leaves
+                    payload = b""
+                else:
+                    payload = await reply.read()
         if not 200 <= code < 300:
             doc: Any = json.loads(payload) if payload.startswith(b"{") else None
             is_status = isinstance(doc, dict) and doc.get("kind") == "Status"
             if code not in allowed or not is_status or b"Traceback" in payload:
                 stats.bad.append(f"{kind} {method} {path}: {code} {payload[:200]!r}")
+            elif code == 503 and not reply.headers.get("Retry-After"):
+                stats.bad.append(f"{kind} {method} {path}: 503 without Retry-After")
         stats.by_code[str(code)] += 1
     except TimeoutError:
         stats.by_code["hung"] += 1
         stats.bad.append(f"{kind} {method} {path}: no answer within {deadline}s")
     except aiohttp.ClientPayloadError as exc:
-        # A resource answer is streamed: once its status line is out, a plugin that dies
-        # mid-response can only cut the body short (the bridge closes the connection, as
-        # Grafana does) — never pass a truncated body off as complete.
-        stats.by_code["cut short"] += 1
-        if not (allowed and kind.startswith("resource") and code is not None and code < 300):
-            stats.bad.append(f"{kind} {method} {path}: {exc!r}")
+        # A resource answer is streamed: once its status line is out, a plugin killed
+        # mid-answer can only have its body cut short (the bridge closes the connection, as
+        # Grafana does) — never a truncated body passed off as complete, and never otherwise.
+        ended = time.monotonic()
+        if (
+            kind.startswith("resource")
+            and code is not None
+            and code < 300
+            and stats.killed_during(uid, started, ended)
+        ):
+            stats.by_code["cut short (plugin killed mid-answer)"] += 1
+        else:
+            stats.by_code["cut short"] += 1
+            stats.bad.append(f"{kind} {method} {path}: {code}, then {exc!r}")
     except aiohttp.ClientError as exc:
         stats.by_code["connection error"] += 1
         stats.bad.append(f"{kind} {method} {path}: {exc!r}")
@@ -295,7 +387,7 @@ async def run_load(
     workers: int,
     deadline: float,
     pause: float = 0.0,
-    allowed: frozenset[int] = frozenset({502, 503, 504}),
+    allowed: frozenset[int] = UNAVAILABLE,
 ) -> None:
     """``workers`` loops sending the ``mix`` round-robin until ``stop`` is set.
 

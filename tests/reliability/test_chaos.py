@@ -1,24 +1,28 @@
 """Faults under sustained load, through a real ``grafana-bridge serve`` process.
 
 The scene: the bridge as a subprocess (more honest than in-process: its fds, memory and tasks
-are its own, and what an operator runs is what is tested), both fixture plugins plus two more
-copies of the Python fixture — one that starts slowly (``slow_start``), one that floods its logs
-on start (``log_flood``: 400 000 lines on stdout and on stderr) — a stand-in Grafana as
-delegate that can be stopped and started on the same port, and a real etcd
-(``storage.backend: etcd``).
+are its own, and what an operator runs is what is tested) at its default ``logging.level:
+info``, both fixture plugins plus two more copies of the Python fixture — one that starts
+slowly (``slow_start``), one that floods its logs on start (``log_flood``: 400 000 lines on
+stdout and on stderr, the stderr ones hclog ``info`` lines, so the bridge logs them) — a
+stand-in Grafana as delegate that can be stopped and started on the same port, a stand-in
+datasource behind the datasource proxy, and a real etcd (``storage.backend: etcd``).
 
-Load: concurrent workers loop over queries to every plugin, resource calls, delegated GETs and
+Load: concurrent workers loop over queries to every plugin, resource calls, SSE stream
+subscriptions (subscribe, read the first tick, close), datasource-proxy calls, delegated GETs and
 DataPlaneService API reads, while the faults happen one after another: SIGKILL the flooding
 plugin (so that it floods again), SIGKILL a plugin, SIGSTOP one (hung) then SIGCONT, slow
 plugin calls beyond the call timeout, SIGKILL the slow-starting plugin, stop and restart the
 delegate, stop and restart etcd.
 
-Every request must end within its deadline with success or a 502/503/504 Kubernetes Status
-(never a hang, a dropped connection, a 500 or a traceback) — except that a resource answer
-already streaming (status line sent) when its plugin is killed is cut short, the only honest
-ending once the status is out; each fault's component recovers
-(the time is printed); at the end the bridge's fds and asyncio tasks are back to the baseline
-taken after warm-up, and after SIGTERM no plugin process remains.
+Every request must end within its deadline with success, a 503 Kubernetes Status carrying
+``Retry-After`` or a 504 Status (never a hang, a dropped connection, a 500, a 502 or a
+traceback) — except that a resource answer already streaming (status line sent) when its plugin
+is SIGKILLed is cut short, the only honest ending once the status is out (counted apart, and
+allowed only when a SIGKILL of that plugin fell within the request); each fault's component
+recovers (the time is printed); at the end the bridge has no unreaped (zombie) child, its fds
+and asyncio tasks are back to the baseline taken after warm-up, and after SIGTERM no plugin
+process remains.
 
 ``BRIDGE_CHAOS_ROUNDS`` (default 1) repeats the fault sequence for a longer run.
 """
@@ -42,6 +46,7 @@ from tests.reliability.served import (
     ADMIN,
     GO,
     PY,
+    TICKS,
     LoadStats,
     PluginDef,
     StandIn,
@@ -91,12 +96,14 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
 
 
 async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) -> None:
-    delegate = StandIn()
+    delegate, upstream = StandIn(), StandIn()
     await delegate.start()
+    await upstream.start()
     config = write_config(
         tmp_path,
         plugins=PLUGINS,
         delegate=delegate.url,
+        upstream=upstream.url,
         storage={
             "backend": "etcd",
             "etcd": {"endpoints": [etcd.endpoint], "request_timeout": 2},
@@ -137,6 +144,9 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
                 ("query slow", ("POST", SLOW.query_path, query_body("slow"))),
                 ("query flood", ("POST", FLOOD.query_path, query_body("flood"))),
                 ("resource go", ("GET", GO.resource_path("echo/x"), None)),
+                ("stream py", ("GET", PY.stream_path(TICKS), None)),
+                ("proxy py route", ("GET", PY.proxy_path("api/v1/labels"), None)),
+                ("stream go", ("GET", GO.stream_path(TICKS), None)),
             ]
             stop = asyncio.Event()
             load = asyncio.create_task(
@@ -158,10 +168,12 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
 
             for _ in range(ROUNDS):
                 # 0. The flooding plugin restarts, so it floods (again) during this round.
+                stats.killed(FLOOD.uid)
                 bridge.plugin_process(FLOOD.plugin_id).send_signal(signal.SIGKILL)
                 await fault("SIGKILL pyflood (floods on start)", query_ok(FLOOD), time.monotonic())
 
                 # 1. SIGKILL a plugin: the supervisor restarts it.
+                stats.killed(PY.uid)
                 bridge.plugin_process(PY.plugin_id).send_signal(signal.SIGKILL)
                 await fault("SIGKILL pyfixture", query_ok(PY), time.monotonic())
 
@@ -179,6 +191,7 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
                 await fault("slow calls (3.5s > 2s timeout)", query_ok(PY), time.monotonic())
 
                 # 4. SIGKILL the slow-starting plugin: it is back only after its slow start.
+                stats.killed(SLOW.uid)
                 bridge.plugin_process(SLOW.plugin_id).send_signal(signal.SIGKILL)
                 await fault("SIGKILL pyslow (slow_start 1.5s)", query_ok(SLOW), time.monotonic())
 
@@ -211,10 +224,13 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
                 after = await bridge.settled_figures(quiet=0.5)
             run = bridge.run
             plugin_processes = len(bridge.plugin_processes())
+            zombies = bridge.zombie_children()
+            log_path = bridge.log_path
         left = await leftover_plugins(run)
         exit_code = bridge.process.returncode
     finally:
         await delegate.stop()
+        await upstream.stop()
 
     codes = ", ".join(f"{code} {n}" for code, n in sorted(stats.by_code.items()))
     record(
@@ -225,13 +241,29 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
     record(
         SUITE, f"longest request {stats.longest:.2f}s ({stats.longest_what}); deadline {DEADLINE}s"
     )
+    with log_path.open("rb") as log_file:
+        log_lines = sum(1 for _ in log_file)
+    record(
+        SUITE,
+        f"bridge log at logging.level info: {log_lines} lines "
+        f"({log_path.stat().st_size / 2**20:.1f} MB), the log flood's included",
+    )
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(stats.by_kind.items()))
+    record(SUITE, f"by kind: {kinds}")
+    record(
+        SUITE,
+        f"resource answers cut short by a SIGKILL mid-answer (status line already sent): "
+        f"{stats.by_code['cut short (plugin killed mid-answer)']}; any other: "
+        f"{stats.by_code['cut short']}",
+    )
     for line in recoveries:
         record(SUITE, line)
     record(
         SUITE,
         f"leaks: fds {baseline['fds']:.0f} -> {after['fds']:.0f}, asyncio tasks "
         f"{baseline['tasks']:.0f} -> {after['tasks']:.0f}; plugin processes while running "
-        f"{plugin_processes}, after SIGTERM {left}; bridge exit code {exit_code}",
+        f"{plugin_processes}, after SIGTERM {left}; zombie children of the bridge after the faults "
+        f"{len(zombies)}; bridge exit code {exit_code}",
     )
     assert stats.bad == [], "\n".join(stats.bad[:20])
     assert stats.longest < DEADLINE
@@ -239,6 +271,7 @@ async def test_chaos(go_fixture_binary: Path, etcd: EtcdServer, tmp_path: Path) 
     assert after["fds"] <= baseline["fds"], (baseline, after)
     assert after["tasks"] <= baseline["tasks"], (baseline, after)
     assert plugin_processes == len(PLUGINS)
+    assert zombies == [], f"unreaped children of the bridge: {zombies}"
     assert left == 0
     assert exit_code == 0
 
