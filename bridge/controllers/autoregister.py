@@ -35,9 +35,8 @@ from typing import Any
 
 from bridge.apis import API_VERSION, KIND, PluginType, ServiceType
 from bridge.storage import AlreadyExists, Conflict, NotFound, StorageSettings, Store
-from bridge.storage.etcd import EtcdStore, PermissionDenied
-from bridge.storage.memory import MemoryStore
-from bridge.storage.sqlite import SQLiteStore
+from bridge.storage.etcd import PermissionDenied
+from bridge.storage.factory import make_store, nested_prefix
 from plugin_host.plugin_json import PluginJSON
 
 log = logging.getLogger(__name__)
@@ -158,27 +157,14 @@ def spec_hash(spec: Any) -> str:
 
 
 def ledger_prefix(prefix: str) -> str:
-    """The etcd prefix of the ledger: ``<prefix>autoregistrations/``, inside the objects' key
-    range, so the bridge's etcd role needs nothing beyond ``prefix``.
-
-    A record's key has a further ``/`` after ``prefix``, which the object store never takes
-    for an object; nor can the segment collide with an object's name, since those are
-    ``<version>.<group>`` (with a dot) and ``autoregistrations`` has none.
-    """
-    return f"{prefix}{LEDGER_RESOURCE}/"
+    """The etcd prefix of the ledger: ``<prefix>autoregistrations/`` (see
+    :func:`~bridge.storage.factory.nested_prefix`)."""
+    return nested_prefix(prefix, LEDGER_RESOURCE)
 
 
 def make_ledger(settings: StorageSettings) -> Store:
-    """The ledger store for the configured storage, not yet opened; the caller closes it.
-
-    SQLite: another resource in the same file. etcd: the same cluster under
-    :func:`ledger_prefix`. Memory: a store of its own (forgotten on restart, as the objects).
-    """
-    if settings.backend == "sqlite":
-        return SQLiteStore(settings.sqlite_path, resource=LEDGER_RESOURCE, history=_LEDGER_HISTORY)
-    if settings.backend == "etcd":
-        return EtcdStore.from_settings(settings.etcd, prefix=ledger_prefix(settings.etcd.prefix))
-    return MemoryStore(history=_LEDGER_HISTORY)
+    """The ledger store for the configured storage, not yet opened; the caller closes it."""
+    return make_store(settings, resource=LEDGER_RESOURCE, history=_LEDGER_HISTORY)
 
 
 def _record(name: str, plugin_id: str, state: str) -> dict[str, Any]:

@@ -18,7 +18,13 @@ from typing import Final
 
 import aiohttp
 
-__all__ = ["DEFAULT_DENIED_NETWORKS", "DeniedAddress", "DeniedNetworks", "parse_network"]
+__all__ = [
+    "DEFAULT_DENIED_NETWORKS",
+    "DeniedAddress",
+    "DeniedNetworks",
+    "connection_denied",
+    "parse_network",
+]
 
 # Link-local (every major cloud's instance metadata service is 169.254.169.254, and IPv6
 # link-local has no business being a datasource), AWS's IPv6 metadata address, and Alibaba
@@ -69,6 +75,11 @@ class DeniedAddress(OSError):
             "the address is in a network the datasource proxy may not connect to "
             "(datasource_proxy.denied_networks)",
         )
+
+
+def connection_denied(exc: BaseException) -> bool:
+    """Whether aiohttp could not connect because every address was a denied one."""
+    return isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, DeniedAddress)
 
 
 class DeniedNetworks:

@@ -32,7 +32,7 @@ from yarl import URL
 
 from bridge.dsproxy.headers import custom_header_ok, downstream_headers, upstream_headers
 from bridge.dsproxy.hosts import allowed, destination, host_key
-from bridge.dsproxy.networks import DeniedAddress, DeniedNetworks
+from bridge.dsproxy.networks import DeniedNetworks, connection_denied
 from bridge.dsproxy.routes import ProxyRoute, RoutesError, compile_routes, match_route
 from bridge.dsproxy.settings import DatasourceProxySettings
 from bridge.dsproxy.target import Target, absolute, build_target, map_location, render
@@ -444,9 +444,7 @@ class DatasourceProxy:
                 raise StatusError(
                     413, f"the request body is larger than the limit of {self._max_body} bytes"
                 ) from None
-            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-                exc.os_error, DeniedAddress
-            ):
+            if connection_denied(exc):
                 log.warning(
                     "datasource proxy: %s %s: datasource %s: %s leads only to addresses in "
                     "datasource_proxy.denied_networks",

@@ -23,7 +23,7 @@ from typing import Any, Final
 import aiohttp
 from yarl import URL
 
-from bridge.dsproxy.networks import DeniedAddress
+from bridge.dsproxy.networks import connection_denied
 
 __all__ = ["TokenCache", "TokenError", "TokenKey"]
 
@@ -145,9 +145,7 @@ class TokenCache:
         except TimeoutError:
             raise TokenError(f"the token endpoint did not answer within {timeout:g}s") from None
         except (aiohttp.ClientError, OSError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-                exc.os_error, DeniedAddress
-            ):
+            if connection_denied(exc):
                 raise TokenEndpointDenied(
                     f"the token endpoint {url.host} leads only to addresses the datasource "
                     "proxy may not connect to (datasource_proxy.denied_networks)"

@@ -32,14 +32,37 @@ class StorageSettings(BaseModel):
     etcd: EtcdSettings = EtcdSettings()
 
 
-def make_store(settings: StorageSettings) -> Store:
-    """The configured store, not yet opened (SQLite opens on first use or :func:`open_store`)."""
+def nested_prefix(prefix: str, resource: str) -> str:
+    """Where etcd keeps records of ``resource`` beside the objects: ``<prefix><resource>/``,
+    inside the objects' key range (so the bridge's etcd role needs nothing beyond ``prefix``).
+    The object store never takes such a key for an object: it has a further ``/``, and a
+    resource name has no dot while object names (``<version>.<group>``) do."""
+    return f"{prefix}{resource}/"
+
+
+def make_store(
+    settings: StorageSettings, *, resource: str | None = None, history: int | None = None
+) -> Store:
+    """The configured store, not yet opened (SQLite opens on first use or :func:`open_store`).
+
+    With ``resource``, a store of that other kind of record kept beside the objects: another
+    resource of the same SQLite file, keys under :func:`nested_prefix` on etcd, or a memory
+    store of its own.
+    """
+    keep = history or settings.history
     if settings.backend == "sqlite":
-        return SQLiteStore(settings.sqlite_path, history=settings.history)
+        if resource is None:
+            return SQLiteStore(settings.sqlite_path, history=keep)
+        return SQLiteStore(settings.sqlite_path, resource=resource, history=keep)
     if settings.backend == "etcd":
-        return EtcdStore.from_settings(settings.etcd)
-    log.warning("storage.backend is memory: nothing is kept across restarts (meant for tests)")
-    return MemoryStore(history=settings.history)
+        if resource is None:
+            return EtcdStore.from_settings(settings.etcd)
+        return EtcdStore.from_settings(
+            settings.etcd, prefix=nested_prefix(settings.etcd.prefix, resource)
+        )
+    if resource is None:
+        log.warning("storage.backend is memory: nothing is kept across restarts (meant for tests)")
+    return MemoryStore(history=keep)
 
 
 async def open_store(settings: StorageSettings) -> Store:
